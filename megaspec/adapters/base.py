@@ -1,0 +1,162 @@
+"""The one interface every method implements: wrap a frozen linear and add scale * delta(x).
+
+Life cycle of an adapter (DESIGN.md "adapter interface"):
+
+1. constructed around a frozen linear (nn.Linear, bnb Linear4bit/Linear8bitLt, or a ZeRO-3
+   partitioned linear): no trainable state yet;
+2. planned: `plan_layer(weight)` sees the dense fp32 weight of its own layer (gathered and
+   dequantized by `megaspec.dist`, possibly on another rank) and returns a small picklable
+   result; `combine(results)` turns every layer's result into per-layer plans, identically on
+   every rank (this is where a global, cross-layer choice happens); `apply_plan(plan)` stores
+   the plan as buffers and creates the trainable parameters;
+3. trained: forward returns base(x) + delta(x), never materialising an M x N update;
+4. merged/exported: `delta_weight(row_ids)` gives a block of rows of the dense update.
+
+A saved adapter holds the plan buffers, so loading calls `apply_plan` with them and never
+plans again.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from megaspec.config import AdapterConfig
+
+Plan = dict[str, torch.Tensor]
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded by (seed, layer name): identical on every rank and every run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def linear_shape(base: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear, also when ZeRO-3 has emptied its weight."""
+    return int(base.out_features), int(base.in_features)
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """Whether the linear holds a bitsandbytes 4-bit or 8-bit weight."""
+    weight = base.weight
+    return getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The full fp32 weight of a (gathered) linear, dequantizing bitsandbytes 4-bit/8-bit layers."""
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:  # bnb Params4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().reshape(linear_shape(base))
+    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
+        return (weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0).reshape(linear_shape(base))
+    return weight.data.float()
+
+
+class Adapter(nn.Module):
+    """Base class: y = base(x) + delta(x); subclasses define the plan, parameters and delta."""
+
+    method: ClassVar[str] = ""
+    # whether plan_layer needs the dense frozen weight (it is gathered only for those that do)
+    needs_weight: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, name: str, n_layers: int = 1) -> None:
+        super().__init__()
+        self.base = base
+        self.config = config
+        self.name = name
+        self.n_layers = n_layers
+        self.out_features, self.in_features = linear_shape(base)
+        self.planned = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(M, N) = (out_features, in_features)."""
+        return self.out_features, self.in_features
+
+    # --- planning -------------------------------------------------------------------------
+    def plan_layer(self, weight: torch.Tensor | None) -> Any:
+        """Per-layer plan input computed from the dense fp32 weight (None if needs_weight is False)."""
+        return None
+
+    @classmethod
+    def combine(cls, adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, Plan]:
+        """Per-layer plans from all layers' results; pure and deterministic (runs on every rank)."""
+        return {name: adapter.local_plan(results.get(name)) for name, adapter in adapters.items()}
+
+    def local_plan(self, result: Any) -> Plan:
+        """The plan of one layer when it needs nothing from other layers."""
+        return {}
+
+    def nominal_plan(self) -> Plan:
+        """A plan of the right sizes on the meta device, for counting parameters of huge models."""
+        return {}
+
+    def apply_plan(self, plan: Plan) -> None:
+        """Register the plan as buffers and create the trainable parameters."""
+        for key, value in plan.items():
+            self.register_buffer(key, value.detach().clone().to(self.device), persistent=True)
+        self.init_parameters()
+        self.planned = True
+
+    @property
+    def device(self) -> torch.device:
+        """Where the frozen weight lives (meta for parameter counting; cuda/cpu otherwise)."""
+        return self.base.weight.device
+
+    def new_parameter(self, make: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> nn.Parameter:
+        """A trainable parameter made on CPU (seeded generators are CPU-only), then moved to `device`.
+
+        On the meta device nothing is made: counting a 70B model's adapters allocates no memory.
+        """
+        if self.device.type == "meta":
+            return nn.Parameter(torch.empty(shape, device="meta"))
+        return nn.Parameter(make().to(self.device))
+
+    def init_parameters(self) -> None:
+        """Create trainable parameters (delta == 0 at step 0 unless the paper says otherwise)."""
+        raise NotImplementedError
+
+    def plan_state(self) -> Plan:
+        """The buffers that make up this layer's plan (saved with the adapter)."""
+        return {name: buf for name, buf in self.named_buffers(recurse=False)}
+
+    # --- compute --------------------------------------------------------------------------
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ dW.T, with the method's scale included."""
+        raise NotImplementedError
+
+    def delta_weight(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `row_ids` (default all) of the dense fp32 update dW (scale included)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + self.delta(x).to(out.dtype)
+
+    def trainable_count(self) -> int:
+        """Trainable parameters of this adapter (ZeRO-3 aware)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.parameters(recurse=False) if p.requires_grad)
+
+    def layer_summary(self) -> dict[str, Any]:
+        """One row of the apply_adapters summary."""
+        return {"name": self.name, "shape": list(self.shape), "trainable": self.trainable_count()}
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, shape={self.shape}, trainable={self.trainable_count()}"
+
+
+def ortho_scale(config_scale: float | None, shape: tuple[int, int]) -> float:
+    """Default scale for the sparse-spectrum methods: sqrt(M N), i.e. unit-Frobenius basis functions.
+
+    dW = scale * IDHT2(S) = scale * DHT2(S) / (MN); with scale = sqrt(MN) every coefficient moves
+    the weight by a unit-norm pattern, so one learning rate suits every layer shape. A number
+    given in the config is used as is (paper parity: SSH's code hard-codes 49).
+    """
+    return math.sqrt(shape[0] * shape[1]) if config_scale is None else float(config_scale)

@@ -1,0 +1,71 @@
+"""Shared machinery of the sparse-spectrum methods (SSH, FourierFT): positions, coefficients, fast forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from megaspec.adapters.base import Adapter, Plan, layer_generator, ortho_scale
+from megaspec.spectral import sparse_spectrum_linear, sparse_spectrum_rows
+
+
+def sample_positions(total: int, count: int, exclude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct flat positions in [0, total) not in `exclude`, uniformly at random (seeded).
+
+    Small or dense draws use one randperm; large sparse draws (a 28672 x 8192 layer has 235M
+    positions) use order-preserving rejection sampling so memory stays O(count).
+    """
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    available = total - exclude.numel()
+    if count > available:
+        raise ValueError(f"cannot draw {count} positions: only {available} of {total} are free")
+    excluded = exclude.numpy()
+    if total <= (1 << 22) or count > available // 4:
+        perm = torch.randperm(total, generator=generator).numpy()
+        return torch.from_numpy(perm[~np.isin(perm, excluded)][:count].copy())
+    picked = np.zeros(0, dtype=np.int64)
+    while picked.size < count:
+        draw = torch.randint(0, total, (2 * (count - picked.size) + 16,), generator=generator).numpy()
+        merged = np.concatenate([picked, draw[~np.isin(draw, excluded)]])
+        _, first = np.unique(merged, return_index=True)
+        picked = merged[np.sort(first)]
+    return torch.from_numpy(picked[:count].copy())
+
+
+def positions_plan(flat: torch.Tensor, n_in: int, from_energy: torch.Tensor | None = None) -> Plan:
+    """A plan from flat positions f = u * N + v (peft's convention), sorted by position."""
+    order = torch.argsort(flat)
+    flat = flat[order]
+    plan = {"rows": flat // n_in, "cols": flat % n_in}
+    if from_energy is not None:
+        plan["from_energy"] = from_energy[order]
+    return plan
+
+
+class SparseSpectrumAdapter(Adapter):
+    """n real coefficients at planned (row, col) frequencies; dW = scale * kernel-transform(S)."""
+
+    kernel: str = "dht"
+
+    def nominal_plan(self) -> Plan:
+        n = self.config.n_coeffs
+        return {"rows": torch.empty(n, dtype=torch.long, device="meta"), "cols": torch.empty(n, dtype=torch.long, device="meta")}
+
+    def init_parameters(self) -> None:
+        n = self.rows.numel()
+        if self.config.init == "gaussian":  # parity with SSH/FourierFT code: c ~ N(0, 1)
+            make = lambda: torch.randn(n, generator=layer_generator(self.config.seed + 1, self.name))  # noqa: E731
+        elif self.config.init == "zeros":
+            make = lambda: torch.zeros(n)  # noqa: E731
+        else:
+            raise ValueError(f"unknown init {self.config.init!r} for {self.method}; use 'zeros' or 'gaussian'")
+        self.coeffs = self.new_parameter(make, (n,))
+        self.scale = ortho_scale(self.config.scale, self.shape)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        coeffs = self.coeffs * self.scale
+        return sparse_spectrum_linear(x, coeffs, self.rows, self.cols, self.out_features, self.kernel)
+
+    def delta_weight(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+        coeffs = self.coeffs.detach().float() * self.scale
+        return sparse_spectrum_rows(coeffs, self.rows, self.cols, self.shape, row_ids, self.kernel)
