@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from megaspec.adapters.base import Adapter, Plan, layer_generator, ortho_scale
 from megaspec.spectral import sparse_spectrum_linear, sparse_spectrum_rows
 
