@@ -1,0 +1,65 @@
+"""Train spectral adapters under DeepSpeed: `deepspeed launch/train.py --ds_config ds_configs/zero3.json`.
+
+With no model or data arguments this runs the embedded default (a tiny LLaMA and a generated
+corpus) on whatever the machine has. Also runs under torchrun and srun (RANK/WORLD_SIZE/... set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from megaspec.train.loop import TrainConfig
+
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=d.ds_config, help="DeepSpeed JSON config")
+    p.add_argument("--model", default=None, help="local HF model folder or hub id (default: embedded tiny LLaMA)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer folder, sentencepiece tokenizer.model, or hub id")
+    p.add_argument("--dataset", default=None, help="local json/jsonl/parquet/txt, a saved datasets folder, or hub id")
+    p.add_argument("--method", default=d.method, help="ssh | fourierft | lora")
+    p.add_argument("--n_coeffs", type=int, default=d.n_coeffs, help="spectral coefficients per adapted layer")
+    p.add_argument("--target_modules", default=",".join(d.target_modules), help="comma-separated linear names")
+    p.add_argument("--energy_ratio", type=float, default=d.energy_ratio, help="SSH: fraction chosen by DHT energy")
+    p.add_argument("--selection", default=d.selection, choices=["global", "per_layer"], help="SSH selection rule")
+    p.add_argument("--rank", type=int, default=d.rank, help="low-rank methods: rank r")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha")
+    p.add_argument("--scale", type=float, default=None, help="update scale (default: the method's own)")
+    p.add_argument("--init", default=d.init, choices=["zeros", "gaussian"], help="coefficient init")
+    p.add_argument("--max_steps", type=int, default=d.max_steps)
+    p.add_argument("--seq_len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per method)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--output_dir", default=None, help="run folder (default runs/<time>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --output_dir")
+    p.add_argument("--eval_every", type=int, default=d.eval_every)
+    p.add_argument("--save_every", type=int, default=d.save_every)
+    p.add_argument("--log_every", type=int, default=d.log_every)
+    p.add_argument("--image_every", type=int, default=d.image_every)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megaspec.train.loop import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k != "local_rank"}
+    fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    try:
+        train(TrainConfig(**fields))
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megaspec: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks behind `python launch/bench.py <subcommand>`: each prints measurements, asserts nothing."""

@@ -1,0 +1,1 @@
+"""Training loop: DeepSpeed engine, data, eval, checkpoints, TensorBoard."""

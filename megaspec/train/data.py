@@ -1,0 +1,395 @@
+"""Records -> token blocks -> resumable, rank-sharded batches; and the tokenizer that goes with them."""
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
+from pathlib import Path
+
+import datasets
+import torch
+from sentencepiece import sentencepiece_model_pb2
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+from megaspec.tiny import embedded_corpus, embedded_instructions, embedded_tokenizer
+
+IGNORE = -100  # label value the HF causal-LM loss skips
+FORMATS = ("auto", "text", "instruction")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+ALPACA_FIELDS = ("instruction", "input", "output")
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels) of one record, before packing
+
+
+class DataError(ValueError):
+    """A dataset or tokenizer problem, stated in one line with its fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it becomes fixed-length blocks."""
+
+    dataset: str | None = None  # None: embedded corpus, or embedded instructions if format="instruction"
+    seq_len: int = 128
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    eval_fraction: float = 0.05  # of records; at least one record (hence one block) when > 0
+    pack: bool = True
+    seed: int = 0
+    format: str = "auto"  # "auto" | "text" | "instruction"
+    add_bos: bool = True  # prepend BOS to every record, as LLaMA pretraining did
+    embedded_records: int = 2000  # size of the embedded default dataset
+
+
+class BlockDataset(Dataset):
+    """Fixed-length token blocks held as three [n_blocks, seq_len] LongTensors."""
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+        self.input_ids, self.labels, self.attention_mask = input_ids, labels, attention_mask
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.input_ids[i],
+            "labels": self.labels[i],
+            "attention_mask": self.attention_mask[i],
+        }
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for strings that cannot be a hub id ('org/name'), so a missing path is reported as missing."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or Path(name).suffix in FILE_BUILDERS
+    )
+
+
+def _first_line(e: Exception) -> str:
+    """An exception as 'Type: first line of its message'."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def load_records(path_or_id: str) -> datasets.Dataset:
+    """Load a local .json/.jsonl/.parquet/.csv/.txt file, a saved `datasets` directory, or a hub dataset id."""
+    path = Path(path_or_id).expanduser()
+    try:
+        if path.is_file():
+            builder = FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(
+                    f"dataset file {path} has unsupported type '{path.suffix}'; use one of {', '.join(FILE_BUILDERS)}"
+                )
+            ds = datasets.load_dataset(builder, data_files=str(path))
+        elif path.is_dir():
+            saved = any((path / f).exists() for f in ("state.json", "dataset_dict.json"))
+            ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path))
+        elif _looks_like_path(path_or_id):
+            raise DataError(
+                f"dataset path {path_or_id} does not exist; pass an existing .jsonl/.json/.parquet/.csv/.txt file, "
+                "a directory saved by datasets.save_to_disk, or a hub id such as 'tatsu-lab/alpaca'"
+            )
+        else:
+            ds = datasets.load_dataset(path_or_id)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"could not load dataset {path_or_id!r} ({_first_line(e)}); check the file's format, "
+            "or for a hub id check the name and that the hub is reachable"
+        ) from e
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds and len(ds) != 1:
+            raise DataError(
+                f"dataset {path_or_id!r} has splits {list(ds)} but no 'train' split; save one as 'train'"
+            )
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    return ds
+
+
+def detect_format(columns: Sequence[str], cfg: DataConfig) -> str:
+    """'instruction' (prompt/response or alpaca fields) or 'text', honouring cfg.format; DataError if neither fits."""
+    if cfg.format not in FORMATS:
+        raise DataError(f"unknown data format {cfg.format!r}; use one of {', '.join(FORMATS)}")
+    has_pair = cfg.prompt_field in columns and cfg.response_field in columns
+    has_alpaca = "instruction" in columns and "output" in columns
+    if cfg.format in ("auto", "instruction") and (has_pair or has_alpaca):
+        return "instruction"
+    if cfg.format in ("auto", "text") and cfg.text_field in columns:
+        return "text"
+    wanted = {
+        "auto": f"'{cfg.text_field}' (text), '{cfg.prompt_field}'+'{cfg.response_field}' or 'instruction'+'output'",
+        "text": f"'{cfg.text_field}'",
+        "instruction": f"'{cfg.prompt_field}'+'{cfg.response_field}' or 'instruction'+'output'",
+    }[cfg.format]
+    raise DataError(
+        f"dataset has fields {sorted(columns)} but format={cfg.format!r} needs {wanted}; "
+        "rename the fields or set text_field/prompt_field/response_field"
+    )
+
+
+def _strings(ds: datasets.Dataset, field: str) -> list[str]:
+    """One column as strings (None -> ''); DataError for non-string values such as chat message lists."""
+    values = list(ds[field])
+    bad = next((v for v in values if v is not None and not isinstance(v, str)), None)
+    if bad is not None:
+        raise DataError(
+            f"field '{field}' holds {type(bad).__name__} values, not strings; flatten it to text first"
+        )
+    return ["" if v is None else v for v in values]
+
+
+def _instruction_pairs(ds: datasets.Dataset, cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(prompts, responses), mapping alpaca instruction/input/output onto a fixed prompt template."""
+    if cfg.prompt_field in ds.column_names and cfg.response_field in ds.column_names:
+        return _strings(ds, cfg.prompt_field), _strings(ds, cfg.response_field)
+    inputs = _strings(ds, "input") if "input" in ds.column_names else [""] * len(ds)
+    prompts = [
+        (ALPACA_PROMPT_INPUT if inp.strip() else ALPACA_PROMPT).format(instruction=ins, input=inp)
+        for ins, inp in zip(_strings(ds, "instruction"), inputs, strict=True)
+    ]
+    return prompts, _strings(ds, "output")
+
+
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, add_bos: bool = True
+) -> list[Example]:
+    """Causal LM examples: [BOS] text EOS, every token a label."""
+    if not texts:  # transformers 5 fast tokenizers raise IndexError on an empty batch
+        return []
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    out = []
+    for t in ids:
+        tokens = bos + t + [tokenizer.eos_token_id]
+        out.append((tokens, list(tokens)))
+    return out
+
+
+def tokenize_instructions(
+    prompts: Sequence[str], responses: Sequence[str], tokenizer: PreTrainedTokenizerBase, add_bos: bool = True
+) -> list[Example]:
+    """Instruction examples: [BOS] prompt response EOS, with BOS and prompt labels masked to -100."""
+    if not prompts:  # transformers 5 fast tokenizers raise IndexError on an empty batch
+        return []
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(p_ids, r_ids, strict=True):
+        head, tail = bos + p, r + [tokenizer.eos_token_id]
+        out.append((head + tail, [IGNORE] * len(head) + tail))
+    return out
+
+
+def _keep_trained(blocks: BlockDataset) -> BlockDataset:
+    """Drop blocks with no label to predict (HF shifts labels, so position 0 is never a target): they give NaN loss."""
+    keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
+    return BlockDataset(blocks.input_ids[keep], blocks.labels[keep], blocks.attention_mask[keep])
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> BlockDataset:
+    """Concatenate examples and cut into seq_len blocks; the last block is right-padded (label -100, mask 0)."""
+    ids = list(chain.from_iterable(e[0] for e in examples))
+    labels = list(chain.from_iterable(e[1] for e in examples))
+    n_blocks = -(-len(ids) // seq_len)
+    pad = n_blocks * seq_len - len(ids)
+    mask = [1] * len(ids) + [0] * pad
+    return _keep_trained(
+        BlockDataset(
+            torch.tensor(ids + [pad_id] * pad, dtype=torch.long).view(n_blocks, seq_len),
+            torch.tensor(labels + [IGNORE] * pad, dtype=torch.long).view(n_blocks, seq_len),
+            torch.tensor(mask, dtype=torch.long).view(n_blocks, seq_len),
+        )
+    )
+
+
+def pad_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> BlockDataset:
+    """One block per example: truncated to seq_len, right-padded with pad_id (label -100, mask 0)."""
+    input_ids = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), seq_len), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), seq_len), dtype=torch.long)
+    for i, (tokens, labs) in enumerate(examples):
+        n = min(len(tokens), seq_len)
+        input_ids[i, :n] = torch.tensor(tokens[:n])
+        labels[i, :n] = torch.tensor(labs[:n])
+        mask[i, :n] = 1
+    return _keep_trained(BlockDataset(input_ids, labels, mask))
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded permutation of range(n) cut into (train, eval); eval has max(1, round(n * fraction)) items."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction={eval_fraction} must be in [0, 1)")
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 else 0
+    if n - n_eval < 1:
+        raise DataError(
+            f"{n} record(s) leave nothing to train on after the eval split; add data or lower eval_fraction"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return perm[n_eval:], perm[:n_eval]
+
+
+def _embedded_records(cfg: DataConfig) -> datasets.Dataset:
+    """The embedded corpus, or the embedded instructions when cfg.format is 'instruction'."""
+    if cfg.format == "instruction":
+        records = [
+            {cfg.prompt_field: r["prompt"], cfg.response_field: r["response"]}
+            for r in embedded_instructions(cfg.embedded_records, cfg.seed)
+        ]
+    else:
+        records = [{cfg.text_field: t} for t in embedded_corpus(cfg.embedded_records, cfg.seed)]
+    return datasets.Dataset.from_list(records)
+
+
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[BlockDataset, BlockDataset]:
+    """(train, eval) datasets of fixed-length blocks; items are dict(input_ids, labels, attention_mask)."""
+    if cfg.seq_len < 2:
+        raise DataError(f"seq_len={cfg.seq_len} is too short; use at least 2 tokens")
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise DataError("tokenizer has no eos/pad token; load it with megaspec.train.data.load_tokenizer")
+    if cfg.dataset is None:
+        ds, name = _embedded_records(cfg), "embedded default"
+    else:
+        ds, name = load_records(cfg.dataset), cfg.dataset
+    fmt = detect_format(ds.column_names, cfg)
+    if fmt == "instruction":
+        prompts, responses = _instruction_pairs(ds, cfg)
+        keep = [i for i, r in enumerate(responses) if r.strip()]
+        what = "a non-empty response"
+    else:
+        texts = _strings(ds, cfg.text_field)
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        what = f"non-empty '{cfg.text_field}'"
+    if not keep:
+        raise DataError(
+            f"dataset {name!r} has no record with {what} ({len(ds)} records read); check the fields"
+        )
+    train_idx, eval_idx = split_indices(len(keep), cfg.eval_fraction, cfg.seed)
+    to_blocks = pack_examples if cfg.pack else pad_examples
+    out = []
+    for idx in (train_idx, eval_idx):
+        rows = [keep[i] for i in idx]
+        if fmt == "instruction":
+            examples = tokenize_instructions(
+                [prompts[i] for i in rows], [responses[i] for i in rows], tokenizer, cfg.add_bos
+            )
+        else:
+            examples = tokenize_texts([texts[i] for i in rows], tokenizer, cfg.add_bos)
+        out.append(to_blocks(examples, cfg.seq_len, tokenizer.pad_token_id))
+    train, evals = out
+    if len(train) == 0 or (eval_idx and len(evals) == 0):
+        split = "train" if len(train) == 0 else "eval"
+        raise DataError(
+            f"{split} split of {name!r} is empty after tokenising: no block has a label to train on "
+            f"(prompts longer than seq_len={cfg.seq_len}?); raise seq_len or use pack=True"
+        )
+    return train, evals
+
+
+def _collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-item tensors into a batch."""
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def batch_iterator(
+    dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless rank-local batches: step s's global batch is stream items [s*G, (s+1)*G), G = batch_size*world_size.
+
+    The stream is epoch 0's permutation (seed + 0), then epoch 1's (seed + 1), ...; rank r takes slice
+    [r*batch_size, (r+1)*batch_size) of each global batch. So the global batch depends only on G, not on how
+    it is split over ranks, and resuming at start_step is index arithmetic: no tokenising, no replay.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise DataError("cannot iterate over an empty dataset; add data")
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_step < 0:
+        raise DataError(
+            f"bad batch layout batch_size={batch_size} rank={rank} world_size={world_size} start_step={start_step}"
+        )
+
+    @lru_cache(maxsize=2)
+    def order(epoch: int) -> list[int]:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    global_batch = batch_size * world_size
+    step = start_step
+    while True:
+        first = step * global_batch + rank * batch_size
+        yield _collate([dataset[order(p // n)[p % n]] for p in range(first, first + batch_size)])
+        step += 1
+
+
+def _sentencepiece_tokenizer(model_file: Path) -> PreTrainedTokenizerBase:
+    """LlamaTokenizer from a sentencepiece .model (transformers 5 converts it to a tokenizers BPE backend)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_file.read_bytes())
+    except Exception as e:
+        raise DataError(
+            f"{model_file} is not a sentencepiece model ({_first_line(e)}); pass a valid .model"
+        ) from e
+    kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+    if kind != "BPE":
+        raise DataError(
+            f"{model_file} is a {kind} sentencepiece model; LLaMA tokenizers are BPE: pass a directory with "
+            "tokenizer.json/tokenizer_config.json instead"
+        )
+    if not proto.trainer_spec.byte_fallback:
+        warnings.warn(
+            f"{model_file} has no byte fallback: characters outside its vocabulary are dropped", stacklevel=3
+        )
+    # vocab_file= alone gives a 3-token tokenizer in transformers 5; from_pretrained on the folder converts it.
+    return LlamaTokenizer.from_pretrained(str(model_file.parent), vocab_file=str(model_file))
+
+
+def load_tokenizer(path_or_none: str | None) -> PreTrainedTokenizerBase:
+    """None -> embedded tokenizer; HF tokenizer folder, sentencepiece tokenizer.model (or its folder), or hub id."""
+    if path_or_none is None:
+        return embedded_tokenizer()
+    path = Path(path_or_none).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".model":
+            tok = _sentencepiece_tokenizer(path)
+        elif path.is_file():
+            raise DataError(
+                f"tokenizer file {path} is not a sentencepiece .model; pass the folder that holds it"
+            )
+        elif path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(str(path))
+        elif path.is_dir() and (path / "tokenizer.model").exists():
+            tok = _sentencepiece_tokenizer(path / "tokenizer.model")
+        elif path.is_dir():
+            raise DataError(
+                f"{path} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
+                "save the tokenizer there with tokenizer.save_pretrained"
+            )
+        elif _looks_like_path(path_or_none):
+            raise DataError(
+                f"tokenizer path {path_or_none} does not exist; pass an existing folder or .model file"
+            )
+        else:
+            tok = AutoTokenizer.from_pretrained(path_or_none)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(
+            f"could not load tokenizer {path_or_none!r} ({_first_line(e)}); check the path or hub id"
+        ) from e
+    if tok.eos_token_id is None:
+        raise DataError(
+            f"tokenizer {path_or_none!r} has no eos token; set eos_token in its tokenizer_config.json"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
