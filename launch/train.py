@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_every", type=int, default=d.save_every)
     p.add_argument("--log_every", type=int, default=d.log_every)
     p.add_argument("--image_every", type=int, default=d.image_every)
+    p.add_argument("--halt_at_step", type=int, default=None, help="checkpoint and exit at this step (resume later)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 

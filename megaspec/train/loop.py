@@ -22,6 +22,7 @@ from megaspec.model import apply_adapters, save_adapter
 from megaspec.train.checkpoint import config_hash, latest_checkpoint, load_checkpoint, save_checkpoint
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
+from megaspec.train.embedded import embedded_base
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress_bar
 
 logger = logging.getLogger("megaspec")
@@ -34,7 +35,7 @@ class TrainConfig:
     """Everything a run needs besides the DeepSpeed config (micro-batch, precision, ZeRO stage)."""
 
     ds_config: str = "ds_configs/zero3.json"
-    model: str | None = None  # None: the embedded tiny LLaMA
+    model: str | None = None  # None: the embedded tiny LLaMA (megaspec.train.embedded)
     tokenizer: str | None = None  # None: the model's own, or the embedded tokenizer
     dataset: str | None = None  # None: the embedded corpus
     method: str = "ssh"
@@ -60,6 +61,7 @@ class TrainConfig:
     log_every: int = 1
     image_every: int = 50
     keep_checkpoints: int = 2
+    halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig this run applies."""
@@ -94,22 +96,14 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method}"
 
 
-def build_model(cfg: TrainConfig, ds_config: dict[str, Any], vocab_size: int) -> torch.nn.Module:
-    """The frozen base, built partitioned under ZeRO-3 (HfDeepSpeedConfig makes HF use zero.Init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_model(model: str, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The frozen base, loaded partitioned under ZeRO-3 (HfDeepSpeedConfig makes HF use zero.Init)."""
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-
-    from megaspec.tiny import tiny_llama_config
 
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-    torch.manual_seed(cfg.seed)
-    if cfg.model is None:
-        return AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size), dtype=dtype)
-    if not Path(cfg.model).exists() and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
-        raise ConfigError(f"--model {cfg.model} does not exist; pass a local HF model folder or a hub id")
-    AutoConfig.from_pretrained(cfg.model)
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -170,6 +164,10 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
 
+    def reason(self) -> str:
+        """Why the run stops, for the log line."""
+        return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
+
     def agreed(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
         return _sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
@@ -180,22 +178,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import deepspeed
 
     raw_ds = read_ds_config(cfg.ds_config)
-    tokenizer = load_tokenizer(cfg.tokenizer or _model_tokenizer(cfg.model))
     init_distributed()
+    model_path = cfg.model or str(embedded_base())
+    tokenizer = load_tokenizer(cfg.tokenizer or _model_tokenizer(model_path))
     out = resolve_output_dir(cfg)
     _check_output_dir(out, cfg)
     lr = cfg.learning_rate()
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
 
-    model_cfg_probe = _hidden_size(cfg)
-    ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=model_cfg_probe)
-    model = build_model(cfg, ds_config, len(tokenizer))
+    hidden = _hidden_size(model_path)
+    ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden)
+    model = build_model(model_path, ds_config)
     model.config.use_cache = False
     summary = apply_adapters(model, cfg.adapter_config())
     if rank() == 0:
         print(summary, flush=True)
 
-    data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed)
+    # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
+    data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction")
     train_set, eval_set = build_datasets(data_cfg, tokenizer)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -203,7 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
     _create_output_dir(out, cfg)
-    expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": cfg.model or "embedded-tiny-llama"}
+    expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": model_path}
 
     start_step = 0
     if cfg.resume:
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 print(f"resumed from {ckpt} at step {start_step}", flush=True)
     _write_run_files(out, cfg, ds_config, summary)
 
-    run_log = RunLogger(out)
+    run_log = RunLogger(out, resume_step=start_step if cfg.resume else None)
     stop = StopSignal()
     batches = batch_iterator(train_set, micro, cfg.seed, rank(), world_size(), start_step=start_step * accum)
     bar = progress_bar(cfg.max_steps, initial=start_step)
@@ -253,12 +253,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 run_log.log_spectral_images(step, model, tensors)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        stopping = stop.agreed()
+        stopping = stop.agreed() or step == cfg.halt_at_step
         if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
             save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum}, keep=cfg.keep_checkpoints)
         if stopping:
             if rank() == 0:
-                print(f"received signal {stop.received or 'on another rank'}: checkpoint written at step {step}, exiting", flush=True)
+                print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
             break
     bar.close()
     save_adapter(model, out / "adapter")
@@ -284,12 +284,13 @@ def _model_tokenizer(model: str | None) -> str | None:
     return model
 
 
-def _hidden_size(cfg: TrainConfig) -> int:
-    if cfg.model is None:
-        return 64
+def _hidden_size(model: str) -> int:
+    """The model's hidden size (sizes DeepSpeed's buckets), or a clear error for a bad --model."""
     from transformers import AutoConfig
 
-    return int(getattr(AutoConfig.from_pretrained(cfg.model), "hidden_size", 4096))
+    if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise ConfigError(f"--model {model} does not exist; pass a local HF model folder or a hub id")
+    return int(getattr(AutoConfig.from_pretrained(model), "hidden_size", 4096))
 
 
 def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""Run launch/train.py as a user does: one process, or `deepspeed --num_gpus N` on CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.distributed import CPU_ENV, REPO, free_port
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a CPU run: DeepSpeed's CPU accelerator, one thread per rank, no TTY bars."""
+    env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def train_command(args: list[str], ranks: int) -> list[str]:
+    """The command line: plain python for 1 rank, the deepspeed launcher for more."""
+    script = str(REPO / "launch" / "train.py")
+    if ranks == 1:
+        return [sys.executable, script, *args]
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
+
+
+def run_train(args: list[str], ranks: int = 1, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a training job to completion; the result carries stdout/stderr for assertion messages."""
+    command = train_command(args, ranks)
+    try:
+        return subprocess.run(command, cwd=cwd or REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    finally:
+        if ranks > 1:
+            remove_shm_buffers(int(command[command.index("--master_port") + 1]))
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MB /dev/shm file per rank; remove this job's."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert exit 0, showing the output tail otherwise."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The metrics.jsonl records of a run."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss."""
+    return {m["step"]: m["loss"] for m in metrics(run_dir)}
