@@ -27,31 +27,90 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"unknown spectral kernel {kernel!r}; expected one of {KERNELS}")
 
 
-def _gather_rfft(f: torch.Tensor, cols: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of the full FFT at `cols`, read from a half spectrum (rfft)."""
-    mirrored = cols > length // 2
-    idx = torch.where(mirrored, length - cols, cols)
-    picked = f.index_select(-1, idx)
-    sign = 1.0 - 2.0 * mirrored.to(picked.real.dtype)  # conj(F[N - v]) = F[v] for real input
-    return picked.real, picked.imag * sign
+# The forward of all three kernels (METHODS.md 1.3): gather the full FFT of x at the columns,
+# F[v] = re + i im, mix it into (p, q), and y = Re(IFFT_M(sum_j c_j (p_j + i q_j) e_{u_j})) / N.
+#   dht:           p + iq = H[v] - i H[-v],  H[v] = re - im, H[-v] = re + im
+#   fourier:       p + iq = conj(F[v])
+#   dht_separable: p + iq = H[v] (1 - i)     (cas(theta) = Re((1 - i) e^{i theta}))
+def _mix(re: torch.Tensor, im: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if kernel == "fourier":
+        return re, -im
+    h = re - im
+    return h, (-h if kernel == "dht_separable" else -(re + im))
 
 
-def _scatter_irfft(z_re: torch.Tensor, z_im: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Re(IFFT_M(Z)) for Z = sum_j z_j e_{u_j}, through a half spectrum and one irfft.
+def _mix_adjoint(dp: torch.Tensor, dq: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transpose of _mix: gradients of (re, im) from gradients of (p, q)."""
+    if kernel == "fourier":
+        return dp, -dq
+    if kernel == "dht_separable":
+        d = dp - dq
+        return d, -d
+    return dp - dq, -(dp + dq)
 
-    Re(IFFT(Z)) only sees the Hermitian part (Z[u] + conj Z[-u]) / 2, so each z_j lands at
-    min(u, M - u) as z/2 or conj(z)/2; rows with u = -u (DC, Nyquist) keep Re(z).
+
+def _gather_rfft(f: torch.Tensor, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts of the full FFT at `idx`, read from a half spectrum (rfft)."""
+    mirrored = idx > length // 2
+    picked = torch.view_as_real(f).index_select(-2, torch.where(mirrored, length - idx, idx))
+    sign = 1.0 - 2.0 * mirrored.to(picked.dtype)  # F[v] = conj(F[N - v]) for real input
+    return picked[..., 0], picked[..., 1] * sign
+
+
+def _hermitian_weights(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each z_j lands in the half spectrum and its weights: Re(IFFT(Z)) sees (Z[u] + conj Z[-u]) / 2.
+
+    So z lands at min(u, M - u) as z/2 (u <= M/2) or conj(z)/2; rows with u = -u (DC, Nyquist) keep Re(z).
     """
-    half = length // 2
-    upper = rows > half
-    idx = torch.where(upper, length - rows, rows)
-    self_conj = (rows == 0) | (2 * rows == length)
-    w_re = torch.where(self_conj, 1.0, 0.5).to(z_re.dtype)
-    w_im = torch.where(self_conj, 0.0, torch.where(upper, -0.5, 0.5)).to(z_re.dtype)
-    spectrum = torch.zeros(*z_re.shape[:-1], half + 1, dtype=z_re.dtype, device=z_re.device)
-    spec_re = spectrum.index_add(-1, idx, z_re * w_re)
-    spec_im = spectrum.index_add(-1, idx, z_im * w_im)
-    return torch.fft.irfft(torch.complex(spec_re, spec_im), n=length, dim=-1)
+    upper = idx > length // 2
+    self_conj = (idx == 0) | (2 * idx == length)
+    w_re = torch.where(self_conj, 1.0, 0.5).to(dtype)
+    w_im = torch.where(self_conj, 0.0, torch.where(upper, -0.5, 0.5)).to(dtype)
+    return torch.where(upper, length - idx, idx), w_re, w_im
+
+
+def _scatter_irfft(p: torch.Tensor, q: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor, half_idx: torch.Tensor, length: int, norm: str) -> torch.Tensor:
+    """irfft of the half spectrum holding c_re p + i c_im q scattered at half_idx."""
+    spectrum = torch.zeros(*p.shape[:-1], length // 2 + 1, 2, dtype=p.dtype, device=p.device)
+    spectrum.index_add_(-2, half_idx, torch.stack([c_re * p, c_im * q], dim=-1))
+    return torch.fft.irfft(torch.view_as_complex(spectrum), n=length, dim=-1, norm=norm)
+
+
+class _SparseSpectrumLinear(torch.autograd.Function):
+    """y = x @ dW.T with a hand-written adjoint: one rfft of the output gradient, gathers, one irfft.
+
+    Autograd through rfft/index ops is exact too but spends most of its time on full-size
+    temporaries; this touches (B, n) tensors plus one forward and one inverse FFT each way.
+    Saves p, q (B x n each), not x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, coeffs, rows, cols, out_features, kernel):  # type: ignore[override]
+        n_in, m = x.shape[-1], out_features
+        p, q = _mix(*_gather_rfft(torch.fft.rfft(x, dim=-1), cols, n_in), kernel)
+        half_rows, w_re, w_im = _hermitian_weights(rows, m, x.dtype)
+        c = coeffs / n_in
+        y = _scatter_irfft(p, q, c * w_re, c * w_im, half_rows, m, norm="backward")
+        ctx.save_for_backward(p, q, coeffs, rows, cols)
+        ctx.kernel, ctx.n_in = kernel, n_in
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        p, q, coeffs, rows, cols = ctx.saved_tensors
+        m, n_in = grad.shape[-1], ctx.n_in
+        # dL/d(c p) = Re(FFT_M g)[u] / (M N), dL/d(c q) = Im(FFT_M g)[u] / (M N)
+        g_re, g_im = _gather_rfft(torch.fft.rfft(grad, dim=-1, norm="forward"), rows, m)
+        g_re, g_im = g_re / n_in, g_im / n_in
+        grad_c = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_c = (g_re * p + g_im * q).reshape(-1, p.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
+            d_re, d_im = _mix_adjoint(coeffs * g_re, coeffs * g_im, ctx.kernel)
+            half_cols, w_re, w_im = _hermitian_weights(cols, n_in, grad.dtype)
+            grad_x = _scatter_irfft(d_re, d_im, w_re, w_im, half_cols, n_in, norm="forward")
+        return grad_x, grad_c, None, None, None, None
 
 
 def sparse_spectrum_linear(
@@ -64,27 +123,13 @@ def sparse_spectrum_linear(
 ) -> torch.Tensor:
     """x @ dW.T for the sparse spectrum (coeffs at rows, cols) of an out_features x N update.
 
-    Exact (float64 agrees with the dense path to ~1e-15); differentiable in x and coeffs.
-    Transforms run in fp32 for half-precision x; the result has x's dtype.
+    Exact (float64 agrees with the dense path to ~1e-15); differentiable in x and coeffs
+    (first order). Transforms run in fp32 for half-precision x; the result has x's dtype.
     """
     _check_kernel(kernel)
-    m, n_in = out_features, x.shape[-1]
     xf = x.to(compute_dtype(x))
-    c = coeffs.to(xf.dtype)
-    f = torch.fft.rfft(xf, dim=-1)
-    re, im = _gather_rfft(f, cols, n_in)
-    if kernel == "dht_separable":
-        # Z[:, u] += c H[:, v] (real), then y = DHT_M(Z)/(MN)  (METHODS.md 1.3 variant b)
-        h = (re - im) * c
-        z = torch.zeros(*h.shape[:-1], m, dtype=h.dtype, device=h.device).index_add(-1, rows, h)
-        return (dht(z, dim=-1) / (m * n_in)).to(x.dtype)
-    if kernel == "dht":
-        # P = c H[v], Q = c H[-v], Z = P - iQ  with H[v] = Re F - Im F, H[-v] = Re F + Im F
-        z_re, z_im = c * (re - im), -c * (re + im)
-    else:
-        # FourierFT: Z = c conj(F[v])
-        z_re, z_im = c * re, -c * im
-    return (_scatter_irfft(z_re, z_im, rows, m) / n_in).to(x.dtype)
+    y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), rows, cols, out_features, kernel)
+    return y.to(x.dtype)
 
 
 def sparse_spectrum_rows(
