@@ -43,20 +43,56 @@ def linear_shape(base: nn.Module) -> tuple[int, int]:
 
 def is_quantized(base: nn.Module) -> bool:
     """Whether the linear holds a bitsandbytes 4-bit or 8-bit weight."""
-    weight = base.weight
-    return getattr(weight, "quant_state", None) is not None or getattr(weight, "SCB", None) is not None
+    return _quant_state(base) is not None or _int8_scale(base) is not None
+
+
+def _quant_state(base: nn.Module) -> Any:
+    """The QuantState of a bnb Linear4bit (on its weight, or on the module when FSDP lost it)."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else getattr(base, "quant_state", None)
+
+
+def _int8_scale(base: nn.Module) -> torch.Tensor | None:
+    """The per-row scales (SCB) of a bnb Linear8bitLt: on the weight until the first forward, then on its state."""
+    if base.weight.dtype != torch.int8:
+        return None
+    scale = getattr(base.weight, "SCB", None)
+    return scale if scale is not None else getattr(getattr(base, "state", None), "SCB", None)
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The full fp32 weight of a (gathered) linear, dequantizing bitsandbytes 4-bit/8-bit layers."""
+    """The full fp32 weight of a (gathered) linear, dequantizing bitsandbytes 4-bit/8-bit layers.
+
+    The result is the weight bitsandbytes' own training forward multiplies by on CPU (bit for
+    bit): dequantize_4bit for 4-bit, CB * (SCB / 127) in that order for 8-bit (MatMul8bitFp).
+    """
     weight = base.weight
-    if getattr(weight, "quant_state", None) is not None:  # bnb Params4bit
+    state = _quant_state(base)
+    if state is not None:  # bnb Params4bit
+        if getattr(state, "packing_format_for_cpu", False):
+            return _dequantize_cpu_packed(weight.data, state)
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().reshape(linear_shape(base))
-    if weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:  # bnb Int8Params
-        return (weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0).reshape(linear_shape(base))
+        return bnbf.dequantize_4bit(weight.data, state).float().reshape(linear_shape(base))
+    scale = _int8_scale(base)
+    if scale is not None:  # bnb Int8Params
+        return (weight.data.float() * scale.float().unsqueeze(1).mul(1.0 / 127.0)).reshape(linear_shape(base))
     return weight.data.float()
+
+
+def _dequantize_cpu_packed(data: torch.Tensor, state: Any) -> torch.Tensor:
+    """fp32 weight of a Linear4bit repacked by bitsandbytes' AVX512-BF16 CPU inference kernel.
+
+    That layout (bitsandbytes.functional._convert_weight_packed_for_cpu) stores an (N, K) weight
+    as (N, K/2) bytes, each row block of 32 interleaved low/high nibble-wise, with bf16 absmax of
+    shape (K/blocksize, N); it is written in place by an eval-mode, no-grad forward.
+    """
+    n, k = (int(s) for s in state.shape)
+    packed = data.view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1).reshape(n // 32, k // 2, 32, 2)
+    codes = codes.transpose(1, 2).reshape(n, k).long()
+    scale = state.absmax.float().T.repeat_interleave(state.blocksize, dim=1)
+    return state.code.float()[codes] * scale
 
 
 class Adapter(nn.Module):
