@@ -157,8 +157,9 @@ def sparse_spectrum_rows(
     neg_cols = (n_in - cols) % n_in
     out = []
     for start in range(0, row_ids.numel(), block):
-        a = row_ids[start : start + block].to(dtype)
-        theta = (2 * math.pi / m) * torch.outer(a, rows.to(dtype))  # (R, n)
+        a = row_ids[start : start + block].long()
+        # reduce a*u mod M in integers first: a float angle 2 pi a u / M loses ~1e-3 at 28672 rows
+        theta = (2 * math.pi / m) * (torch.outer(a, rows.long()) % m).to(dtype)  # (R, n)
         zeros = torch.zeros(a.numel(), n_in, dtype=dtype, device=c.device)
         if kernel == "dht_separable":
             amp = zeros.index_add(-1, cols, c * (torch.cos(theta) + torch.sin(theta)))
