@@ -16,6 +16,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from megaspec.quant import QUANTIZE_CHOICES
     from megaspec.train.loop import TrainConfig
 
     d = TrainConfig()
@@ -24,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="local HF model folder or hub id (default: embedded tiny LLaMA)")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder, sentencepiece tokenizer.model, or hub id")
     p.add_argument("--dataset", default=None, help="local json/jsonl/parquet/txt, a saved datasets folder, or hub id")
-    p.add_argument("--method", default=d.method, help="ssh | fourierft | lora")
+    p.add_argument("--method", default=d.method, help="ssh | fourierft | s2ft | lora | smoa | spectral_a | spectral_r")
     p.add_argument("--n_coeffs", type=int, default=d.n_coeffs, help="spectral coefficients per adapted layer")
     p.add_argument("--target_modules", default=",".join(d.target_modules), help="comma-separated linear names")
     p.add_argument("--energy_ratio", type=float, default=d.energy_ratio, help="SSH: fraction chosen by DHT energy")
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha")
     p.add_argument("--scale", type=float, default=None, help="update scale (default: the method's own)")
     p.add_argument("--init", default=d.init, choices=["zeros", "gaussian"], help="coefficient init")
+    p.add_argument("--s2ft_estimate_steps", type=int, default=d.s2ft_estimate_steps,
+                   help="S2FT: optimizer steps' worth of batches in the gradient estimate that plans it")
     p.add_argument("--max_steps", type=int, default=d.max_steps)
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per method)")
@@ -45,23 +48,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=d.log_every)
     p.add_argument("--image_every", type=int, default=d.image_every)
     p.add_argument("--halt_at_step", type=int, default=None, help="checkpoint and exit at this step (resume later)")
+    p.add_argument("--max_skipped_steps", type=int, default=d.max_skipped_steps,
+                   help="steps in a row with a NaN/inf loss that are skipped; one more stops the run (exit 3)")
+    p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_CHOICES,
+                   help="frozen base in bitsandbytes 4-bit (nf4, fp4) or 8-bit (int8)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from megaspec.train.loop import TrainConfig, train
+    from megaspec.train.loop import TrainConfig, TrainingDiverged, train
+    from megaspec.train.validate import validate
 
     fields = {k: v for k, v in vars(args).items() if k != "local_rank"}
     fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     try:
-        train(TrainConfig(**fields))
+        cfg = TrainConfig(**fields)
+        for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
+            say(f"megaspec: warning: {warning}")
+        train(cfg)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megaspec: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        say(f"megaspec: error: {str(e).splitlines()[0]}")
         return 2
+    except TrainingDiverged as e:
+        say(f"megaspec: error: {e}")
+        return 3
     return 0
+
+
+def say(line: str) -> None:
+    """One line on stderr, from rank 0 only (every rank reaches the same verdict)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megaspec.adapters import Adapter, adapter_class, dense_weight, is_quantized
+from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import AdapterConfig
 from megaspec.dist import plan_adapters
 
@@ -76,9 +77,27 @@ def _is_meta(adapters: dict[str, Adapter]) -> bool:
     return any(a.device.type == "meta" for a in adapters.values())
 
 
-def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterSummary:
-    """Wrap the target linears in place, freeze everything else, plan (collectively) and summarise."""
+def apply_adapters(
+    model: nn.Module,
+    config: AdapterConfig,
+    calibration: Iterable[dict[str, torch.Tensor]] | None = None,
+    defer_calibration: bool = False,
+) -> AdapterSummary:
+    """Wrap the target linears in place, freeze everything else, plan (collectively) and summarise.
+
+    Methods that plan from data (S2FT) get a provisional plan (delta == 0), then are calibrated on
+    `calibration`: batches of model inputs with labels (megaspec.calibrate; ignored by the other
+    methods). Under ZeRO-3 the passes must run through the DeepSpeed engine, so the training loop
+    passes defer_calibration=True and calls calibrate_adapters after deepspeed.initialize.
+    """
     names = find_targets(model, config.target_modules)
+    on_meta = model.get_submodule(names[0]).weight.device.type == "meta"
+    data_planned = getattr(adapter_class(config.method), "needs_calibration", False)
+    if data_planned and calibration is None and not defer_calibration and not on_meta:
+        raise ValueError(
+            f"method {config.method!r} plans from data: pass calibration=batches (inputs with labels), or "
+            "defer_calibration=True and call megaspec.calibrate.calibrate_adapters after deepspeed.initialize"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = _wrap(model, config, names)
@@ -88,6 +107,8 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> AdapterSummary:
         plan_info: dict[str, Any] = {}
     else:
         plan_info = plan_adapters(adapters)
+        if calibrating(adapters) and calibration is not None:
+            plan_info.update(calibrate_adapters(model, calibration))
     return summarize(model, config.method, nominal=_is_meta(adapters), plan=plan_info)
 
 
@@ -155,8 +176,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 
 def _atomic(path: Path, write: Any) -> None:
+    """Write through a temp file, then rename; readable by others as the umask allows (safetensors writes 0600)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -179,8 +204,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterSummary:
         adapter = adapters[name]
         if list(adapter.shape) != info["shape"]:
             raise ValueError(f"layer {name} is {list(adapter.shape)} in the model but {info['shape']} in the adapter at {directory}")
+        saved_plan = {k: tensors[f"{name}.{k}"] for k in info["plan"]}
         if not adapter.planned:
-            adapter.apply_plan({k: tensors[f"{name}.{k}"] for k in info["plan"]})
+            adapter.apply_plan(saved_plan)
+        elif calibrating({name: adapter}):  # a plan made from data is restored, never recomputed
+            adapter.set_plan(saved_plan)
         params = dict(adapter.named_parameters(recurse=False))
         with _gathered(list(params.values())), torch.no_grad():
             for key in info["params"]:
@@ -188,13 +216,31 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterSummary:
     return summarize(model, config.method)
 
 
+def load_plans(model: nn.Module, directory: str | Path) -> None:
+    """Copy the saved plans of the model's data-planned adapters (S2FT) from `directory`, in place.
+
+    Resuming a run restores the plan it trained with instead of calibrating again; parameters are
+    left alone (the engine checkpoint restores them, into the optimizer's own tensors).
+    """
+    tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
+    for name, adapter in calibrating(adapters_of(model)).items():
+        missing = [k for k in adapter.plan_state() if f"{name}.{k}" not in tensors]
+        if missing:
+            raise ValueError(f"{directory} holds no {missing} for layer {name}; it is not this run's adapter")
+        adapter.set_plan({k: tensors[f"{name}.{k}"] for k in adapter.plan_state()})
+
+
 @torch.no_grad()
 def merged_linear(adapter: Adapter, dtype: torch.dtype | None = None) -> nn.Linear:
-    """A plain nn.Linear holding W0 + dW (dequantized if the base is quantized)."""
+    """A plain nn.Linear holding W0 + dW, summed in fp32 (W0 dequantized if the base is quantized).
+
+    dtype defaults to the base's: its weight dtype, or for a bitsandbytes base the dtype it computes
+    in (bnb_4bit_compute_dtype, the run's dtype, for 4-bit; fp32 for 8-bit, which keeps no dtype).
+    """
     base = adapter.base
     weight = dense_weight(base) + adapter.delta_weight().to(base.weight.device)
     if dtype is None:
-        dtype = torch.float32 if is_quantized(base) else base.weight.dtype
+        dtype = (getattr(base, "compute_dtype", None) or torch.float32) if is_quantized(base) else base.weight.dtype
     linear = nn.Linear(adapter.in_features, adapter.out_features, bias=base.bias is not None, device=weight.device, dtype=dtype)
     linear.weight.copy_(weight)
     if base.bias is not None:

@@ -14,9 +14,8 @@ from tests.distributed import CPU_ENV, REPO, free_port
 def cpu_env(**extra: str) -> dict[str, str]:
     """The environment of a CPU run: DeepSpeed's CPU accelerator, one thread per rank, no TTY bars."""
     env = {**os.environ, **CPU_ENV, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", **extra}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(key, None)  # an in-process test world must not leak its port into launched jobs
     return env
 
 

@@ -3,13 +3,14 @@
 from megaspec.adapters.base import Adapter, dense_weight, is_quantized, linear_shape
 from megaspec.adapters.fourierft import FourierFTAdapter
 from megaspec.adapters.lora import LoRAAdapter
+from megaspec.adapters.s2ft import S2FTAdapter
 from megaspec.adapters.smoa import SMoAAdapter
 from megaspec.adapters.spectral_adapter import SpectralAdditiveAdapter, SpectralRotationAdapter
 from megaspec.adapters.ssh import SSHAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.method: cls
-    for cls in (SSHAdapter, FourierFTAdapter, LoRAAdapter, SMoAAdapter, SpectralAdditiveAdapter, SpectralRotationAdapter)
+    for cls in (SSHAdapter, FourierFTAdapter, S2FTAdapter, LoRAAdapter, SMoAAdapter, SpectralAdditiveAdapter, SpectralRotationAdapter)
 }
 
 

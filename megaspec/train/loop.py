@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -16,10 +17,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import DEFAULT_TARGETS, AdapterConfig
 from megaspec.dist.comm import all_gather_object, rank, world_size
-from megaspec.model import apply_adapters, save_adapter
-from megaspec.train.checkpoint import config_hash, latest_checkpoint, load_checkpoint, save_checkpoint
+from megaspec.model import adapters_of, apply_adapters, load_plans, save_adapter
+from megaspec.quant import (
+    bnb_config,
+    check_quantization,
+    prepare_quantized,
+    quantize_frozen_partitions,
+    zero_weight_quantization,
+)
+from megaspec.train.checkpoint import (
+    config_hash,
+    latest_checkpoint,
+    load_checkpoint,
+    positions_digest,
+    save_checkpoint,
+)
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
@@ -47,6 +62,7 @@ class TrainConfig:
     alpha: float = 16.0
     scale: float | None = None
     init: str = "zeros"
+    s2ft_estimate_steps: int = 4  # s2ft: optimizer steps' worth of batches in the gradient estimate
     max_steps: int = 100
     seq_len: int = 128
     lr: float | None = None  # None: the method's default (DEFAULT_LR)
@@ -61,14 +77,16 @@ class TrainConfig:
     log_every: int = 1
     image_every: int = 50
     keep_checkpoints: int = 2
+    max_skipped_steps: int = 10  # consecutive steps with a non-finite loss that are skipped; one more stops the run
     halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
+    quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig this run applies."""
         return AdapterConfig(
             method=self.method, target_modules=list(self.target_modules), n_coeffs=self.n_coeffs,
             energy_ratio=self.energy_ratio, selection=self.selection, scale=self.scale, init=self.init,
-            rank=self.rank, alpha=self.alpha, seed=self.seed,
+            rank=self.rank, alpha=self.alpha, seed=self.seed, s2ft_estimate_steps=self.s2ft_estimate_steps,
         )
 
     def learning_rate(self) -> float:
@@ -85,7 +103,8 @@ def init_distributed() -> None:
         for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -96,14 +115,27 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method}"
 
 
-def build_model(model: str, ds_config: dict[str, Any]) -> torch.nn.Module:
-    """The frozen base, loaded partitioned under ZeRO-3 (HfDeepSpeedConfig makes HF use zero.Init)."""
+def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none") -> torch.nn.Module:
+    """The frozen base, loaded partitioned under ZeRO-3 (HfDeepSpeedConfig makes HF use zero.Init).
+
+    A bitsandbytes base is loaded whole on every rank (transformers skips zero.Init for it) and
+    partitioned by deepspeed.initialize; with DeepSpeed's qwZ the frozen shards are stored in int8
+    before planning, so the adapters are planned on the weights they train against (megaspec.quant).
+    """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    check_quantization(ds_config, quantize)
+    quantization = bnb_config(quantize, dtype)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quantization)
+    if quantization is not None:
+        prepare_quantized(base)
+    if zero_weight_quantization(ds_config) == "zero_quantized_nontrainable_weights" and zero_stage(ds_config) == 3:
+        base.requires_grad_(False)
+        quantize_frozen_partitions(base)
+    return base
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -153,6 +185,69 @@ def evaluate(engine: Any, eval_set: Any, micro_batch: int, max_batches: int) -> 
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective waits for a peer before the job fails ($MEGASPEC_DIST_TIMEOUT_S, default 600 s)."""
+    text = os.environ.get("MEGASPEC_DIST_TIMEOUT_S", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"MEGASPEC_DIST_TIMEOUT_S={text!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for more than --max_skipped_steps steps in a row; existing checkpoints are kept."""
+
+
+class NonFiniteGuard:
+    """Skips micro-batches whose loss is NaN/inf on any rank (no backward, no update); stops a run that diverged.
+
+    The flag is all-reduced so every rank skips the same micro-batches (ZeRO-3 collectives stay in
+    lockstep). A step with no finite micro-batch is skipped whole: DeepSpeed is not called, so the
+    weights, optimizer state and LR schedule stay as they were. With gradient accumulation, a step
+    with some finite micro-batches updates from those alone. $MEGASPEC_TEST_NAN_STEPS=4,5 makes
+    rank 0 see a NaN loss in every micro-batch of steps 4 and 5 (tests of this logic).
+    """
+
+    def __init__(self, limit: int, skipped: int = 0) -> None:
+        self.limit = limit
+        self.skipped = skipped  # steps skipped in the whole run (saved with checkpoints)
+        self.streak = 0  # skipped steps in a row, up to the current one
+        hook = os.environ.get("MEGASPEC_TEST_NAN_STEPS", "")
+        self.test_steps = {int(s) for s in hook.split(",") if s.strip()}
+
+    def finite(self, loss: torch.Tensor, step: int) -> bool:
+        """Whether this micro-batch's loss is finite on every rank (step: the 1-based step it belongs to)."""
+        ok = bool(torch.isfinite(loss.detach()).all()) and not (step in self.test_steps and rank() == 0)
+        return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+
+    def end_step(self, skipped: bool) -> None:
+        """Count a finished step, skipped (no finite micro-batch) or not."""
+        self.streak = self.streak + 1 if skipped else 0
+        self.skipped += int(skipped)
+
+    def diverged(self) -> bool:
+        """More than `limit` steps in a row were skipped."""
+        return self.streak > self.limit
+
+    def message(self, step: int) -> str:
+        """The one line that stops the run."""
+        return (
+            f"loss is not finite at step {step}: {self.streak} steps in a row (from step {step - self.streak + 1}) "
+            f"exceed --max_skipped_steps {self.limit}; the run's checkpoints keep the last good state: "
+            "lower --lr or check the data, then --resume"
+        )
+
+
+def _catch_up(engine: Any, owed: int) -> int:
+    """Make the engine.step() calls of skipped micro-batches, keeping DeepSpeed's accumulation boundary in place."""
+    for _ in range(owed):
+        engine.step()
+    return 0
+
+
 class StopSignal:
     """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the step's end."""
 
@@ -173,6 +268,33 @@ class StopSignal:
         return _sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
 
 
+CALIBRATION_SEED_OFFSET = 1_000_000  # S2FT's estimate draws its own batches: the training order is unchanged
+
+
+def calibrate_or_restore(engine: Any, cfg: TrainConfig, out: Path, train_set: Any, micro: int, accum: int) -> dict[str, Any]:
+    """Plan the data-planned adapters (S2FT) through the engine, or restore the resumed checkpoint's plan.
+
+    The estimate takes s2ft_estimate_steps optimizer steps' worth of micro-batches (accum per rank
+    per step, so 1 and N ranks see the same global batches) from a stream of their own. A resumed
+    run never calibrates again: its plan is read from the checkpoint's adapter/ folder, because
+    load_checkpoint checks the plan digest before the engine state (which also holds the module's
+    buffers) is loaded.
+    """
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        load_plans(engine.module, ckpt / "adapter")
+        info: dict[str, Any] = {"calibration": {"restored_from": str(ckpt)}}
+        what = f"restored from {ckpt / 'adapter'}"
+    else:
+        stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
+        info = calibrate_adapters(engine, (_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)))
+        what = f"calibrated on {info['calibration']['batches']} micro-batches per rank"
+    info["digest"] = positions_digest(engine.module)
+    if rank() == 0:
+        print(f"{cfg.method} plan {what} (digest {info['digest'][:12]})", flush=True)
+    return info
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run the job; returns the final metrics (on every rank)."""
     import deepspeed
@@ -188,9 +310,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     hidden = _hidden_size(model_path)
     ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden)
-    model = build_model(model_path, ds_config)
+    model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
-    summary = apply_adapters(model, cfg.adapter_config())
+    summary = apply_adapters(model, cfg.adapter_config(), defer_calibration=True)  # S2FT: calibrated below
     if rank() == 0:
         print(summary, flush=True)
 
@@ -204,12 +326,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accum = engine.gradient_accumulation_steps()
     _create_output_dir(out, cfg)
     expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": model_path}
+    if calibrating(adapters_of(model)):
+        summary.plan.update(calibrate_or_restore(engine, cfg, out, train_set, micro, accum))
 
     start_step = 0
+    guard = NonFiniteGuard(cfg.max_skipped_steps)
     if cfg.resume:
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            start_step = int(load_checkpoint(engine, ckpt, expected=expected)["step"])
+            state = load_checkpoint(engine, ckpt, expected=expected)
+            start_step = int(state["step"])
+            guard.skipped = int(state.get("skipped_steps", 0))
             if rank() == 0:
                 print(f"resumed from {ckpt} at step {start_step}", flush=True)
     _write_run_files(out, cfg, ds_config, summary)
@@ -225,21 +352,30 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         losses, tokens = [], 0.0
+        owed = 0  # engine.step() calls of skipped micro-batches, made once a finite one follows
         for _ in range(accum):
             batch = _to_device(next(batches), device)
             loss = engine(**batch).loss
+            if not guard.finite(loss, step + 1):
+                owed += 1
+                continue
+            owed = _catch_up(engine, owed)
             engine.backward(loss)
             engine.step()
             losses.append(float(loss.detach()))
             tokens += float(batch["attention_mask"].sum())
+        if losses:
+            _catch_up(engine, owed)
         step += 1
+        guard.end_step(skipped=not losses)
         elapsed = time.perf_counter() - t0
-        loss_value = _mean_over_ranks(sum(losses) / len(losses))
+        loss_value = _mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
         tokens = _sum_over_ranks([tokens])[0]
         metrics = {
             "loss": loss_value,
             "lr": engine.get_lr()[0],
-            "grad_norm": _grad_norm(engine),
+            "grad_norm": _grad_norm(engine) if losses else float("nan"),
+            "skipped_steps": guard.skipped,
             "tokens_per_s": tokens / elapsed,
             "step_time": elapsed,
         }
@@ -253,9 +389,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 run_log.log_spectral_images(step, model, tensors)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
+        if guard.diverged():
+            bar.close()
+            run_log.close()
+            raise TrainingDiverged(guard.message(step))
         stopping = stop.agreed() or step == cfg.halt_at_step
         if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-            save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum}, keep=cfg.keep_checkpoints)
+            save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum, "skipped_steps": guard.skipped}, keep=cfg.keep_checkpoints)
         if stopping:
             if rank() == 0:
                 print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
@@ -295,7 +435,7 @@ def _hidden_size(model: str) -> int:
 
 def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:
     """What must match for --resume to continue a run (not max_steps, not logging cadence)."""
-    keep = ("model", "dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "rank", "alpha", "scale", "init", "seq_len", "seed")
+    keep = ("model", "dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "rank", "alpha", "scale", "init", "seq_len", "seed", "quantize")
     return {k: getattr(cfg, k) for k in keep}
 
 

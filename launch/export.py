@@ -1,0 +1,72 @@
+"""Export a finished run: `python launch/export.py --run runs/X --out DIR --format merged|peft|megaspec`.
+
+merged:   a standard HF checkpoint of base + update (AutoModelForCausalLM.from_pretrained(DIR)),
+          written shard by shard; `deepspeed --num_gpus N launch/export.py ...` splits every
+          adapted layer's rows over the ranks.
+peft:     an adapter for PeftModel.from_pretrained(base, DIR): FourierFT as peft's FourierFT, LoRA
+          as LoRA, every other method as an exact-rank LoRA (or truncated with --rank r).
+megaspec: the native adapter folder (a few hundred kB) with a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import NoReturn
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+FORMATS = ("merged", "peft", "megaspec")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"export: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder written by launch/train.py (runs/X)")
+    p.add_argument("--out", required=True, help="output folder (written to a temp folder, renamed at the end)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="merged | peft | megaspec")
+    p.add_argument("--rank", type=int, default=None, help="peft: LoRA rank r for every layer (truncated SVD where needed)")
+    p.add_argument("--lora", action="store_true", help="peft: export as LoRA even when peft has the method (FourierFT)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights' dtype (default: the base's; peft: float32)")
+    p.add_argument("--adapter", default=None, help="adapter folder to export (default RUN/adapter; e.g. a checkpoint's)")
+    p.add_argument("--max_shard_size", type=float, default=5.0, help="merged: GB per safetensors shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megaspec.export import ExportError, export, init_ranks
+
+    init_ranks()
+    try:
+        export(
+            args.run, args.out, args.format, rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
+            overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3),
+        )
+    except ExportError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # nobody tears down a connection that a peer's last collective still uses
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

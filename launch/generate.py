@@ -1,0 +1,58 @@
+"""Generate from a run: `python launch/generate.py --run runs/X --prompt "Q: add 3 and 4\nA:"`.
+
+Loads the run's base with its adapter (or, with --merged DIR, a merged checkpoint written by
+launch/export.py) and prints the completion of the prompt. "\n" in --prompt is a newline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import NoReturn
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"generate: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder written by launch/train.py (runs/X)")
+    p.add_argument("--merged", default=None, help="merged checkpoint folder (launch/export.py --format merged)")
+    p.add_argument("--adapter", default=None, help="adapter folder (default RUN/adapter)")
+    p.add_argument("--prompt", required=True, help='prompt text, e.g. "Q: add 3 and 4\\nA:"')
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megaspec.export import ExportError
+    from megaspec.export.inference import complete, load_for_inference
+
+    try:
+        model, tokenizer = load_for_inference(args.run, args.merged, args.adapter)
+    except (ExportError, FileNotFoundError) as e:
+        print(f"generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    prompt = args.prompt.replace("\\n", "\n")
+    text = complete(model, tokenizer, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Use a finished run: a merged HF checkpoint, a peft adapter, or the native adapter with a model card.
+
+    export("runs/X", "out/merged", "merged")          # base + update, sharded safetensors
+    export("runs/X", "out/peft", "peft")              # PeftModel.from_pretrained(base, "out/peft")
+    export("runs/X", "out/peft16", "peft", rank=16)   # truncated LoRA (vLLM's max_lora_rank)
+    export("runs/X", "out/native", "megaspec")        # the adapter folder + model_card.json
+
+Every format is written into a hidden temp folder beside `out` and renamed at the end, so a failed
+export leaves nothing at `out`. Collective when torch.distributed is initialised (every rank calls
+it; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaspec.dist.comm import rank as process_rank
+from megaspec.export.merged import DEFAULT_SHARD_BYTES, write_merged
+from megaspec.export.native import export_native
+from megaspec.export.peft_format import export_peft
+from megaspec.export.run import ExportError, Run, check_out, detached_adapters, load_base, open_run, staged
+from megaspec.export.sources import CheckpointSource, ModelSource, Source, local_model_folder
+
+FORMATS = ("merged", "peft", "megaspec")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def init_ranks() -> None:
+    """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1.
+
+    Plain torch.distributed, not deepspeed.init_distributed: export needs only gather and
+    gather_object, and on CPU DeepSpeed's communication setup builds a shared-memory
+    all-reduce and leaves two 66 MB /dev/shm buffers per rank behind.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def open_source(run: Run) -> Source:
+    """The base's weights as the run trained against them (ModelSource for quantized runs).
+
+    The safetensors files are read directly; a quantized run (or a base without safetensors) is
+    loaded as training loaded it, and its bitsandbytes linears are dequantized layer by layer.
+    """
+    if run.quantize == "none":
+        folder = local_model_folder(run.model)
+        try:
+            return CheckpointSource(folder)
+        except ExportError:
+            pass
+    return ModelSource(load_base(run))
+
+
+def write_model_files(run: Run, folder: Path, dtype: torch.dtype | None) -> None:
+    """config.json (dtype set, quantization removed), generation_config.json and the tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from megaspec.train.data import load_tokenizer
+
+    config = AutoConfig.from_pretrained(run.model)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(str(folder))
+    try:
+        GenerationConfig.from_pretrained(run.model).save_pretrained(str(folder))
+    except OSError:
+        pass  # the base has no generation_config.json
+    load_tokenizer(run.tokenizer).save_pretrained(str(folder))
+
+
+def _say(log: Callable[[str], None] | None, text: str) -> None:
+    if log is not None and process_rank() == 0:
+        log(text)
+
+
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    format: str,
+    rank: int | None = None,
+    dtype: str | None = None,
+    adapter: str | Path | None = None,
+    as_lora: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Export a run in `format` (merged | peft | megaspec) to `out`; returns a report (rank 0's is complete)."""
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if rank is not None and (format != "peft" or rank < 1):
+        raise ExportError("--rank takes a positive rank and applies to --format peft only")
+    out = Path(out)
+    check_out(out, overwrite)
+    run = open_run(run_dir, adapter)
+    adapters = detached_adapters(run)
+    torch_dtype = DTYPES[dtype] if dtype else (torch.float32 if run.quantize != "none" else None)
+    start = time.perf_counter()
+    with staged(out) as folder:
+        if format == "merged":
+            report = write_merged(open_source(run), adapters, folder, torch_dtype, max_shard_bytes)
+            if folder is not None:
+                write_model_files(run, folder, torch_dtype)
+        elif format == "peft":
+            report = export_peft(run, adapters, folder, rank, as_lora, torch_dtype or torch.float32, lambda: open_source(run))
+        else:
+            report = export_native(run, folder) if folder is not None else {}
+    report.update(format=format, out=str(out), seconds=time.perf_counter() - start, method=run.adapter_config.method)
+    _say(log, describe(report))
+    return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    """A human summary of an export report: one line per adapted layer, then the totals."""
+    lines = []
+    for name, layer in report.get("layers", {}).items():
+        lines.append(
+            f"  {name:<44} exact rank {layer['exact_rank']:>5} ({layer['how']:<10}) -> r {layer['rank']:>5}"
+            f"   residual ||dW - BA||/||dW|| = {layer['residual']:.2e}"
+        )
+    for name, value in report.get("relative_update", {}).items():
+        lines.append(f"  {name:<44} ||dW||/||W0|| = {value:.3e}")
+    head = f"exported {report['method']} run as {report['format']}"
+    if "peft_type" in report:
+        head += f" ({report['peft_type']})"
+    if "shards" in report:
+        head += f": {report['shards']} shard(s), {report['bytes'] / 1e6:.1f} MB"
+    elif "bytes" in report:
+        head += f": {report['bytes'] / 1e3:.1f} kB"
+    return "\n".join([*lines, f"{head} -> {report['out']} in {report['seconds']:.1f} s"])
+
+
+__all__ = ["DTYPES", "FORMATS", "ExportError", "describe", "export", "init_ranks", "open_run"]

@@ -1,0 +1,213 @@
+"""A finished run folder as export sees it: its base model, tokenizer and adapter, detached from any model.
+
+The adapter is rebuilt on stand-in linears that carry only the layer shapes ("frames"), so an
+export never loads the base model just to read the update; methods whose update reads the
+frozen weight (SMoA's anchors) get that one layer's weight attached while it is processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaspec.adapters import Adapter
+from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.config import AdapterConfig
+from megaspec.dist.comm import rank
+from megaspec.model import CONFIG_NAME, LAYERS_NAME, WEIGHTS_NAME, adapters_of, load_adapter
+from megaspec.spectral import sparse_spectrum_rows
+
+
+class ExportError(ValueError):
+    """Bad input to an export (missing run, adapter or base files): one line for the user."""
+
+
+@dataclass
+class Run:
+    """The parts of a run folder an export needs."""
+
+    path: Path
+    train_config: dict[str, Any]
+    adapter_dir: Path
+    adapter_config: AdapterConfig
+    model: str  # the run's --model, or the embedded tiny LLaMA's folder when it had none
+    layers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> str:
+        """The run's --tokenizer, or the base model's own."""
+        return str(self.train_config.get("tokenizer") or self.model)
+
+    @property
+    def quantize(self) -> str:
+        """How the run loaded its base: 'none' or a bitsandbytes mode (train_config 'quantize', megaspec.quant)."""
+        return str(self.train_config.get("quantize") or "none")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the run computed in: bf16 if its resolved ds_config.json enabled bf16, else fp32."""
+        ds_config = self.path / "ds_config.json"
+        bf16 = json.loads(ds_config.read_text()).get("bf16", {}).get("enabled") if ds_config.is_file() else False
+        return torch.bfloat16 if bf16 is True else torch.float32
+
+
+def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
+    """Read a run folder (and optionally another adapter folder, e.g. a checkpoint's); ExportError if unusable.
+
+    Collective when torch.distributed is initialised (embedded_base() builds or waits for the embedded base).
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ExportError(f"run folder {path} does not exist")
+    config_file = path / "train_config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{path} is not a run folder: it has no train_config.json")
+    adapter_dir = Path(adapter) if adapter is not None else path / "adapter"
+    if not (adapter_dir / WEIGHTS_NAME).is_file():
+        hint = "" if adapter is not None else f" (unfinished run? pass --adapter {path}/checkpoints/step-N/adapter)"
+        raise ExportError(f"no adapter in {adapter_dir}: {WEIGHTS_NAME} is missing{hint}")
+    for name in (CONFIG_NAME, LAYERS_NAME):
+        if not (adapter_dir / name).is_file():
+            raise ExportError(f"adapter folder {adapter_dir} has no {name}")
+    train_config = json.loads(config_file.read_text())
+    if train_config.get("model"):
+        model = str(train_config["model"])
+    else:
+        from megaspec.train.embedded import embedded_base
+
+        model = str(embedded_base())
+    return Run(
+        path=path,
+        train_config=train_config,
+        adapter_dir=adapter_dir,
+        adapter_config=AdapterConfig.load(adapter_dir),
+        model=model,
+        layers=json.loads((adapter_dir / LAYERS_NAME).read_text()),
+    )
+
+
+class Frame(nn.Module):
+    """Stands in for a frozen linear: its shape, and its dense weight while one is attached."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.bias = None
+
+
+def detached_adapters(run: Run) -> dict[str, Adapter]:
+    """The run's adapters, loaded (plans and parameters) onto frames named as in the base model."""
+    root = nn.Module()
+    for name, info in run.layers.items():
+        parent = root
+        *path, child = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(child, Frame(*info["shape"]))
+    load_adapter(root, run.adapter_dir)
+    return {name: adapter.eval() for name, adapter in adapters_of(root).items()}
+
+
+@contextlib.contextmanager
+def attached(adapter: Adapter, weight: torch.Tensor | None) -> Iterator[Adapter]:
+    """Within the block the adapter's frame holds `weight` (dense fp32), for updates that read W0."""
+    frame = adapter.base
+    if weight is None or not isinstance(frame, Frame):
+        yield adapter
+        return
+    empty = frame.weight
+    frame.weight = nn.Parameter(weight, requires_grad=False)
+    try:
+        yield adapter
+    finally:
+        frame.weight = empty
+
+
+def update_rows(adapter: Adapter, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """row_ids -> rows of dW in float64 on CPU (scale included): the reference for merging and factoring.
+
+    Plain sparse-spectrum rows (SSH, FourierFT) go through sparse_spectrum_rows with float64
+    coefficients, because SparseSpectrumAdapter.delta_weight casts them to fp32 and the fp32 path
+    forms the angles 2 pi a u / M without reducing a u mod M (relative error 5e-4 at M = 4096,
+    4e-3 at 28672). Other methods (and subclasses with their own delta_weight, such as S2FT) use
+    a float64 copy of the adapter, with `weight` (W0, for updates that read it) attached.
+    """
+    if type(adapter).delta_weight is SparseSpectrumAdapter.delta_weight:
+        coeffs = adapter.coeffs.detach().double().cpu() * adapter.scale
+        rows, cols = adapter.rows.cpu(), adapter.cols.cpu()
+        return lambda ids: sparse_spectrum_rows(coeffs, rows, cols, adapter.shape, ids.cpu(), adapter.kernel)
+    reference = copy.deepcopy(adapter).double()
+
+    def compute(ids: torch.Tensor) -> torch.Tensor:
+        with attached(reference, weight), torch.no_grad():
+            return reference.delta_weight(ids.to(reference.device)).double().cpu()
+
+    return compute
+
+
+def load_base(run: Run, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The run's base model as training loaded it (its dtype; bitsandbytes-quantized if the run was)."""
+    from transformers import AutoModelForCausalLM
+
+    from megaspec.quant import bnb_config, prepare_quantized
+
+    dtype = dtype or run.dtype
+    quantization = bnb_config(run.quantize, dtype)
+    kwargs = {"device_map": str(device)} if quantization is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(run.model, dtype=dtype, quantization_config=quantization, **kwargs)
+    if quantization is not None:
+        prepare_quantized(model)
+    else:
+        model.to(device)
+    return model.eval()
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing --out folder unless asked to."""
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path | None]:
+    """A hidden temp folder beside `out` on rank 0 (None elsewhere), renamed to `out` only on success."""
+    if rank() != 0:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _readable(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _readable(folder: Path) -> None:
+    """Give every file the umask's usual mode: safetensors writes 0600 files, which a server under another uid cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

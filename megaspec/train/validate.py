@@ -1,0 +1,357 @@
+"""Check a run's arguments against its files before any distributed work starts.
+
+Every check reads only the arguments and small files (JSON configs, the model's config.json, the
+tokenizer, a dataset's first record or schema, a run folder's saved state), so a bad input fails
+in seconds with one ConfigError/DataError line, before a process group exists and before the
+run folder is created or (with --overwrite) removed. The loop repeats the checks it can only do
+collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaspec.adapters import adapter_class
+from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, config_hash
+from megaspec.train.data import (
+    DataConfig,
+    DataError,
+    _looks_like_path,
+    detect_format,
+    load_records,
+    load_tokenizer,
+)
+from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config
+from megaspec.train.loop import TrainConfig, _model_tokenizer, _resume_keys
+
+RUN_CONFIG = "train_config.json"
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Raise one ConfigError/DataError for the first bad input of `cfg`; return warnings to show."""
+    warnings: list[str] = []
+    adapter_class(cfg.method)  # "unknown method 'x'; choose one of [...]"
+    check_numbers(cfg)
+    raw_ds = read_ds_config(cfg.ds_config)
+    warnings += check_ds_keys(raw_ds, cfg.ds_config)
+    check_output_dir(cfg)
+    model_config = load_model_config(cfg.model)
+    check_seq_len(cfg.seq_len, model_config)
+    check_tokenizer(cfg, model_config)
+    check_adapters(cfg, model_config)
+    check_dataset(cfg.dataset)
+    check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
+    if getattr(cfg, "quantize", "none") not in (None, "none"):
+        check_quantize(cfg.quantize)
+    return warnings
+
+
+# --- plain arguments ---------------------------------------------------------------------------
+def check_numbers(cfg: TrainConfig) -> None:
+    """Counts and rates that must be positive (the rest is checked by the method's own adapter)."""
+    positive = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "save_every": cfg.save_every,
+                "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name} {value} must be at least 1")
+    for name in ("eval_every", "eval_batches", "max_skipped_steps"):
+        if getattr(cfg, name, 0) < 0:
+            raise ConfigError(f"--{name} {getattr(cfg, name)} must be 0 or more")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"--lr {cfg.lr} must be positive")
+    if cfg.seq_len < 2:
+        raise ConfigError(f"--seq_len {cfg.seq_len} is too short; use at least 2 tokens")
+    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter) and cfg.n_coeffs < 1:
+        raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be at least 1")
+
+
+# --- DeepSpeed config --------------------------------------------------------------------------
+def known_ds_keys() -> set[str]:
+    """Every key name DeepSpeed's config code knows (its string constants), a superset of the top-level keys."""
+    import deepspeed.runtime.config  # noqa: F401  (loads the config modules whose constants we read)
+
+    keys = set()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("deepspeed.") and module is not None:
+            keys |= {v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+    return keys
+
+
+def check_ds_keys(config: dict[str, Any], path: str) -> list[str]:
+    """DeepSpeed ignores unknown top-level keys: a near miss of a known key is an error, others a warning."""
+    known = known_ds_keys()
+    warnings = []
+    for key in config:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"--ds_config {path}: unknown key '{key}' (did you mean '{close[0]}'?); DeepSpeed would ignore it silently")
+        warnings.append(f"--ds_config {path}: DeepSpeed does not know the key '{key}' and will ignore it")
+    return warnings
+
+
+def _offline_ds_config(config: dict[str, Any], world_size: int) -> Any:
+    """DeepSpeedConfig parsed without a process group, for `world_size` ranks (batch-size arithmetic)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class OfflineConfig(DeepSpeedConfig):
+        def _configure_train_batch_size(self) -> None:
+            self.world_size = world_size  # the parent falls back to 1 before init_distributed
+            super()._configure_train_batch_size()
+
+    return OfflineConfig(config)
+
+
+def _pydantic_problem(error: Any, config: dict[str, Any]) -> str:
+    """One line for a pydantic ValidationError from DeepSpeed's config models, with a 'did you mean'."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    sections = [k for k, v in config.items() if isinstance(v, dict) and first["loc"] and first["loc"][0] in v]
+    where = f"{sections[0]}.{loc}" if len(sections) == 1 else loc
+    line = f"{where}: {first['msg']}"
+    if first["type"] == "extra_forbidden":
+        fields: set[str] = set()
+        todo = [DeepSpeedConfigModel]
+        while todo:
+            cls = todo.pop()
+            todo += cls.__subclasses__()
+            if cls.__name__ == error.title:
+                fields |= {alias for name, f in cls.model_fields.items() for alias in (name, f.alias) if alias}
+        close = difflib.get_close_matches(str(first["loc"][-1]), sorted(fields), n=1, cutoff=0.6)
+        if close:
+            line += f" (did you mean '{close[0]}'?)"
+    return line
+
+
+def check_ds_config(raw: dict[str, Any], cfg: TrainConfig, hidden_size: int) -> None:
+    """Resolve "auto" as the run will, then parse with DeepSpeed's own config classes; one line per failure."""
+    import deepspeed.runtime.lr_schedules as lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from pydantic import ValidationError
+
+    lr = cfg.learning_rate()
+    warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
+    resolved = resolve_ds_config(raw, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        _offline_ds_config(resolved, world)
+    except ValidationError as e:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: {_pydantic_problem(e, resolved)}; fix the file") from e
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--ds_config {cfg.ds_config} is rejected by DeepSpeed for {world} rank(s): {text}; fix the file") from e
+    name = resolved.get("optimizer", {}).get("type")
+    if name is not None and name.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name):
+        close = difflib.get_close_matches(name.lower(), DEEPSPEED_OPTIMIZERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; use one of {DEEPSPEED_OPTIMIZERS} or a torch.optim class"
+        raise ConfigError(f"--ds_config {cfg.ds_config}: unknown optimizer type '{name}'{hint}")
+    name = resolved.get("scheduler", {}).get("type")
+    if name is not None and not hasattr(lr_schedules, name) and not hasattr(torch.optim.lr_scheduler, name):
+        valid = lr_schedules.VALID_LR_SCHEDULES
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; use one of {valid}"
+        raise ConfigError(f"--ds_config {cfg.ds_config}: unknown scheduler type '{name}'{hint}")
+
+
+# --- run folder --------------------------------------------------------------------------------
+def _latest_trainer_state(out: Path) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint a resume would start from (`latest`, else the highest step)."""
+    root = out / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    tags = sorted((p.name for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()), reverse=True)
+    latest = root / LATEST
+    if latest.is_file() and (root / latest.read_text().strip() / TRAINER_STATE).is_file():
+        tags.insert(0, latest.read_text().strip())
+    for tag in tags:
+        try:
+            return json.loads((root / tag / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse to mix runs in one folder, and a --resume whose settings differ from the saved run's."""
+    if not cfg.output_dir:
+        return  # runs/<time>-<method>, named after init; the loop checks it
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file; pass a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not cfg.resume:
+        if cfg.overwrite:
+            return
+        raise ConfigError(f"--output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    wanted = _resume_keys(cfg)
+    saved_cfg = None
+    if (out / RUN_CONFIG).is_file():
+        try:
+            saved_cfg = json.loads((out / RUN_CONFIG).read_text())
+        except ValueError:
+            saved_cfg = None
+    state = _latest_trainer_state(out)
+    differs = state is not None and state.get("config_hash") != config_hash(wanted)
+    if saved_cfg is not None and (differs or state is None):
+        changed = [k for k, v in wanted.items() if k in saved_cfg and saved_cfg[k] != v]
+        if changed:
+            then = ", ".join(f"{k}={saved_cfg[k]!r}" for k in changed)
+            now = ", ".join(f"{k}={wanted[k]!r}" for k in changed)
+            raise ConfigError(f"--resume: the run in {out} has {then} but this run has {now}; "
+                              "pass the run's settings, or a new --output_dir")
+    if differs:
+        raise ConfigError(f"--resume: the checkpoint in {out} was made with other settings (config hash differs); "
+                          "pass the run's settings (see its train_config.json), or a new --output_dir")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state is not None and state.get("world_size") not in (None, world):
+        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}; "
+                          "resume with the same number of ranks")
+
+
+# --- model, tokenizer, adapters ----------------------------------------------------------------
+def load_model_config(model: str | None) -> Any:
+    """The HF config of --model (or of the embedded tiny LLaMA), read without loading weights."""
+    if model is None:
+        from megaspec.tiny import embedded_tokenizer, tiny_llama_config
+
+        return tiny_llama_config(len(embedded_tokenizer()))
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    if not path.exists() and _looks_like_path(model):
+        raise ConfigError(f"--model {model} does not exist; pass a local HF model folder or a hub id")
+    if path.is_file():
+        raise ConfigError(f"--model {model} is a file; pass the HF model folder that holds config.json")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model} has no config.json; pass a folder written by save_pretrained")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"--model {model}: cannot read its config ({type(e).__name__}: {first}); check the path or hub id") from e
+
+
+def check_seq_len(seq_len: int, model_config: Any) -> None:
+    """A block longer than the model's position table trains on positions it never had."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"--seq_len {seq_len} exceeds the model's max_position_embeddings {limit}; use --seq_len {limit} or less")
+
+
+def check_tokenizer(cfg: TrainConfig, model_config: Any) -> None:
+    """The tokenizer loads and every id it emits has a row in the model's embedding."""
+    source = cfg.tokenizer or _model_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(source)
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        name = source or "the embedded tokenizer"
+        raise ConfigError(f"tokenizer {name} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+                          "pass the model's own tokenizer with --tokenizer")
+
+
+def check_adapters(cfg: TrainConfig, model_config: Any) -> None:
+    """Apply the adapters to the model built on the meta device: targets exist, sizes fit every layer."""
+    from transformers import AutoModelForCausalLM
+
+    from megaspec.model import adapters_of, apply_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    try:
+        apply_adapters(model, cfg.adapter_config())
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter):
+        smallest = min(adapters_of(model).values(), key=lambda a: a.shape[0] * a.shape[1])
+        m, n = smallest.shape
+        if not 0 < cfg.n_coeffs <= m * n:
+            raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be in 1..{m * n}: the smallest target {smallest.name} "
+                              f"is {m}x{n}; lower --n_coeffs or change --target_modules")
+
+
+# --- dataset -----------------------------------------------------------------------------------
+def dataset_columns(dataset: str) -> list[str] | None:
+    """The field names of a local dataset read from its first record or schema; None when not cheap to tell."""
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        if _looks_like_path(dataset):
+            load_records(dataset)  # raises the "does not exist" DataError
+        return None
+    if path.is_dir():
+        if not any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+            return None
+        return list(load_records(dataset).column_names)  # memory-mapped: cheap
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return ["text"]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    if path.stat().st_size == 0:
+        raise DataError(f"dataset file {path} is empty; add records")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if suffix == ".csv":
+            return next(csv.reader(f), [])
+        if suffix in (".json", ".jsonl"):
+            first = next((line for line in f if line.strip()), "")
+            try:
+                record = json.loads(first)
+            except ValueError:
+                return None  # a pretty-printed JSON array: left to datasets
+            if not isinstance(record, dict):
+                raise DataError(f"dataset file {path} holds {type(record).__name__} records, not JSON objects; write one object per line")
+            return list(record)
+    return None
+
+
+def check_dataset(dataset: str | None) -> None:
+    """A local dataset has the fields the loop needs (the embedded default always does)."""
+    if dataset is None:
+        return
+    columns = dataset_columns(dataset)
+    if columns is not None:
+        detect_format(columns, DataConfig(dataset=dataset, format="auto"))
+
+
+# --- quantization ------------------------------------------------------------------------------
+def check_quantize(mode: str, device: torch.device | str | None = None) -> None:
+    """bitsandbytes runs `mode` (nf4 | fp4 | int8) on the device: a tiny layer's forward and backward."""
+    if device is None:  # this rank's GPU: a context on GPU 0 from every rank would stay for the whole run
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    try:
+        import bitsandbytes as bnb
+
+        if mode == "int8":
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
+        elif mode in ("nf4", "fp4"):
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type=mode)
+        else:
+            raise ConfigError(f"--quantize {mode} is not one of none, nf4, fp4, int8")
+        layer = layer.to(device)
+        x = torch.randn(2, 64, device=device, requires_grad=True)
+        y = layer(x)
+        y.float().sum().backward()
+        if not (torch.isfinite(y).all() and torch.isfinite(x.grad).all()):
+            raise RuntimeError("non-finite output from a 64x64 test layer")
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"--quantize {mode}: bitsandbytes cannot run on {device.type} ({type(e).__name__}: {first}); "
+                          "use --quantize none or install a bitsandbytes build for this device") from e
