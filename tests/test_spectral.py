@@ -15,6 +15,7 @@ from megaspec.spectral import (
     dht,
     dht2,
     dht2_energy,
+    dht2_energy_topk,
     idht2,
     sparse_spectrum_linear,
     sparse_spectrum_rows,
@@ -192,3 +193,17 @@ def test_fourier_update_matches_peft():
 def test_dense_spectrum_scatter():
     s = dense_spectrum(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 2, 2]), torch.tensor([1, 0, 0]), (3, 2))
     assert s.tolist() == [[0.0, 1.0], [0.0, 0.0], [5.0, 0.0]]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(32, 20), (20, 33), (64, 128)])
+@pytest.mark.parametrize("separable", [False, True])
+def test_energy_topk_matches_full_energy(shape, separable):
+    """The lean rfft2 top-k equals sorting the full ortho energy map: every position once, scores exact."""
+    w = torch.randn(*shape, dtype=torch.float64)
+    energy = dht2_energy(w, separable).flatten()
+    scores, positions = dht2_energy_topk(w, energy.numel(), separable)
+    assert sorted(positions.tolist()) == list(range(energy.numel()))
+    torch.testing.assert_close(scores, energy[positions], atol=1e-12, rtol=0)
+    torch.testing.assert_close(scores, torch.sort(energy, descending=True).values, atol=1e-12, rtol=0)
+    top3 = dht2_energy_topk(w, 3, separable)[1]
+    assert top3.tolist() == positions[:3].tolist()

@@ -28,7 +28,7 @@ import torch
 
 from megaspec.adapters.base import Adapter, Plan, layer_generator
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter, positions_plan, sample_positions
-from megaspec.spectral import dht2_energy
+from megaspec.spectral import dht2_energy_topk
 
 
 class SSHAdapter(SparseSpectrumAdapter):
@@ -53,9 +53,7 @@ class SSHAdapter(SparseSpectrumAdapter):
 
     def plan_layer(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """This layer's best energy candidates: no layer can take more than the whole energy budget."""
-        energy = dht2_energy(weight, separable=self.config.separable).flatten()
-        k = min(self.energy_budget(), energy.numel())
-        scores, positions = torch.topk(energy.double(), k, sorted=True)
+        scores, positions = dht2_energy_topk(weight, self.energy_budget(), separable=self.config.separable)
         return {"scores": scores.float(), "positions": positions}
 
     @classmethod

@@ -7,7 +7,7 @@ from megaspec.spectral.sparse import (
     sparse_spectrum_linear,
     sparse_spectrum_rows,
 )
-from megaspec.spectral.transforms import dht, dht2, dht2_energy, idht2
+from megaspec.spectral.transforms import dht, dht2, dht2_energy, dht2_energy_topk, idht2
 
 __all__ = [
     "KERNELS",
@@ -16,6 +16,7 @@ __all__ = [
     "dht",
     "dht2",
     "dht2_energy",
+    "dht2_energy_topk",
     "idht2",
     "sparse_spectrum_linear",
     "sparse_spectrum_rows",
