@@ -1,29 +1,54 @@
 """Per-layer forward+backward cost of a frozen linear alone and with each adapter, in one run.
 
 Every variant sees the same input x (B tokens x N, requires_grad as inside a network), the same
-output gradient and the same frozen weight; the reported overhead is time(variant) - time(base).
+output gradient and the same frozen weight (one shared tensor, so a 8192 x 28672 layer is held
+once); the reported overhead is time(variant) - time(base). Variants are timed interleaved (one
+step of each, round after round) so that drift on a busy machine hits all of them alike.
+
+Variants: every registered megaspec method at its setting (SSH n=750 and n=5000 fast and n=750
+through the dense path, FourierFT n=1000, LoRA r=16, low-rank methods at r=8, any other method
+at AdapterConfig's defaults), HF peft LoRA r=8, 16, 64 and peft FourierFT n=1000.
+
+Planning is not timed here (see `selection`). The step cost of an adapter does not depend on the
+values of its plan, so by default (`synthetic_svd=True`) torch.linalg.svd is replaced during
+planning by random factors of the right shapes: a float64 SVD of a 8192 x 28672 weight takes
+minutes on a CPU and tells nothing about the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from megaspec.adapters import adapter_class
-from megaspec.config import AdapterConfig
+from megaspec.benchmarks.common import (
+    PAPER_SETTINGS,
+    Setting,
+    default_setting,
+    is_sparse_spectrum,
+    registered_methods,
+    table,
+)
 from megaspec.dist import plan_adapters
 from megaspec.spectral import dense_update
+
+BASE = "frozen base alone"
+REFERENCE = "peft lora r=16"
 
 
 @dataclass
 class Variant:
-    """One row of the table: a name, trainable parameters and the module to time."""
+    """One row of the table: a name, its method family, trainable parameters and the module to time."""
 
     name: str
+    method: str
     trainable: int
     module: nn.Module
 
@@ -41,50 +66,116 @@ class DenseSSH(nn.Module):
         return a.base(x) + x @ dw.to(x.dtype).T
 
 
-def _megaspec(base: nn.Linear, method: str, **fields: object) -> nn.Module:
-    """Wrap a copy of `base` with a megaspec adapter and plan it on its weight."""
-    config = AdapterConfig(method=method, selection="per_layer", **fields)
-    adapter = adapter_class(method)(_copy(base), config, "layer")
-    plan_adapters({"layer": adapter})
-    with torch.no_grad():  # non-zero update so no path can shortcut
+def overhead_settings(methods: list[str] | None = None) -> list[Setting]:
+    """The megaspec rows: SSH n=750 and 5000, LoRA r=16, every other method at its paper setting."""
+    out = []
+    for method in registered_methods():
+        if methods is not None and method not in methods:
+            continue
+        if method == "ssh":
+            out += [Setting(f"ssh n={n} (fast)", "ssh", {"n_coeffs": n, "selection": "per_layer"}) for n in (750, 5000)]
+        elif method == "lora":
+            out.append(Setting("lora r=16", "lora", {"rank": 16, "alpha": 32.0}))
+        else:
+            setting = (PAPER_SETTINGS.get(method) or [default_setting(method)])[0]
+            if is_sparse_spectrum(method):
+                setting = Setting(f"{setting.label} (fast)", setting.method, setting.fields, setting.targets)
+            out.append(setting)
+    return out
+
+
+@contextlib.contextmanager
+def synthetic_svd(enabled: bool = True) -> Iterator[None]:
+    """torch.linalg.svd returns random (U, S, Vh) of the right shapes and dtype inside the block."""
+    if not enabled:
+        yield
+        return
+    real = torch.linalg.svd
+
+    def fake(a: torch.Tensor, full_matrices: bool = True, **_: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, n = a.shape[-2:]
+        k = min(m, n)
+        g = torch.Generator(device=a.device).manual_seed(0)
+        u = torch.randn(m, m if full_matrices else k, dtype=a.dtype, device=a.device, generator=g)
+        vh = torch.randn(n if full_matrices else k, n, dtype=a.dtype, device=a.device, generator=g)
+        s = torch.rand(k, dtype=a.dtype, device=a.device, generator=g).sort(descending=True).values
+        return u, s, vh
+
+    torch.linalg.svd = fake
+    try:
+        yield
+    finally:
+        torch.linalg.svd = real
+
+
+def shared(base: nn.Linear) -> nn.Linear:
+    """A new frozen nn.Linear module holding the very same weight tensor (no copy)."""
+    with torch.device("meta"):
+        layer = nn.Linear(base.in_features, base.out_features, bias=False)
+    layer.weight = base.weight
+    return layer
+
+
+def megaspec_adapter(base: nn.Linear, setting: Setting, synthetic: bool = True) -> nn.Module:
+    """Wrap `base` (shared) with a planned megaspec adapter whose parameters are non-zero."""
+    config = setting.config()
+    adapter = adapter_class(setting.method)(shared(base), config, "layer")
+    with synthetic_svd(synthetic):
+        plan_adapters({"layer": adapter})
+    with torch.no_grad():  # a non-zero update, so no path can shortcut
         for p in adapter.parameters(recurse=False):
-            p.normal_(0, 0.01)
+            if p.requires_grad:
+                p.normal_(0, 0.01)
     return adapter
 
 
-def _peft(base: nn.Linear, kind: str, **fields: object) -> nn.Module:
+def peft_adapter(base: nn.Linear, kind: str, **fields: object) -> nn.Module:
+    """HF peft's LoRA or FourierFT around `base` (shared), with non-zero trainable parameters."""
     import peft
 
     config = {"lora": peft.LoraConfig, "fourierft": peft.FourierFTConfig}[kind](target_modules=["0"], **fields)
-    model = peft.get_peft_model(nn.Sequential(_copy(base)), config)
-    if kind == "fourierft":
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_()
+    model = peft.get_peft_model(nn.Sequential(shared(base)), config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.01)
     return model
 
 
-def _copy(base: nn.Linear) -> nn.Linear:
-    layer = nn.Linear(base.in_features, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(base.weight)
-    return layer.requires_grad_(False)
+def _builders(base: nn.Linear, methods: list[str] | None, synthetic: bool) -> list[tuple[str, str, Callable[[], nn.Module]]]:
+    """(name, method, build) of every selected variant, base first."""
+    m, n = base.out_features, base.in_features
+    out: list[tuple[str, str, Callable[[], nn.Module]]] = [(BASE, "base", lambda: base)]
+    ssh750: list[nn.Module] = []
+    for setting in overhead_settings(methods):
+        def build(setting: Setting = setting) -> nn.Module:
+            adapter = megaspec_adapter(base, setting, synthetic)
+            if setting.label.startswith("ssh n=750"):
+                ssh750.append(adapter)
+            return adapter
+
+        out.append((f"megaspec {setting.label}", setting.method, build))
+        if setting.label.startswith("ssh n=5000"):
+            out.append(("megaspec ssh n=750 (dense path)", "ssh", lambda: DenseSSH(ssh750[0])))
+    if methods is None or "peft_lora" in methods:
+        for r in (8, 16, 64):
+            out.append((f"peft lora r={r}", "peft_lora", lambda r=r: peft_adapter(base, "lora", r=r, lora_alpha=2 * r)))
+    if methods is None or "peft_fourierft" in methods:
+        out.append(("peft fourierft n=1000", "peft_fourierft", lambda: peft_adapter(base, "fourierft", n_frequency=min(1000, m * n))))
+    return out
 
 
-def variants(base: nn.Linear) -> list[Variant]:
-    """The modules compared by the issue: base, megaspec SSH fast/dense, peft FourierFT and LoRA."""
-    ssh750 = _megaspec(base, "ssh", n_coeffs=750)
-    rows = [
-        Variant("frozen base alone", 0, base),
-        Variant("megaspec ssh n=750 (fast)", 750, ssh750),
-        Variant("megaspec ssh n=5000 (fast)", 5000, _megaspec(base, "ssh", n_coeffs=5000)),
-        Variant("megaspec ssh n=750 (dense path)", 750, DenseSSH(ssh750)),
-        Variant("megaspec fourierft n=1000 (fast)", 1000, _megaspec(base, "fourierft", n_coeffs=1000)),
-        Variant("megaspec lora r=16", 16 * (base.in_features + base.out_features), _megaspec(base, "lora", rank=16)),
-        Variant("peft fourierft n=1000", 1000, _peft(base, "fourierft", n_frequency=1000)),
-        Variant("peft lora r=16", 16 * (base.in_features + base.out_features), _peft(base, "lora", r=16, lora_alpha=32)),
-    ]
+def variants(base: nn.Linear, methods: list[str] | None = None, synthetic: bool = True) -> list[Variant]:
+    """The modules compared; a variant that cannot be built is reported on stderr and left out."""
+    rows = []
+    for name, method, build in _builders(base, methods, synthetic):
+        try:
+            module = build()
+        except Exception as err:  # a method that cannot run here must not sink the others
+            print(f"skipped {name}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        rows.append(Variant(name, method, trainable, module))
     return rows
 
 
@@ -101,18 +192,31 @@ def time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def run(shape: tuple[int, int], tokens: int, reps: int, warmup: int, device: str, dtype: torch.dtype) -> list[dict]:
+def run(
+    shape: tuple[int, int],
+    tokens: int,
+    reps: int,
+    warmup: int,
+    device: str,
+    dtype: torch.dtype,
+    methods: list[str] | None = None,
+    synthetic: bool = True,
+) -> list[dict]:
     """Time every variant at one (out, in) shape, interleaved so drift hits all alike; table rows."""
     torch.manual_seed(0)
     m, n = shape
     base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, m, device=device, dtype=dtype)
-    rows = variants(base)
-    for v in rows:
-        v.module.to(device=device)
-        if dtype != torch.float32:
-            v.module.to(dtype=dtype)
+    rows = []
+    for v in variants(base, methods, synthetic):
+        v.module.to(device=device, dtype=dtype)  # as DeepSpeed's bf16 cast: adapters in the run's dtype too
+        try:
+            time_step(v.module, x, grad)  # a variant that fails at this dtype is left out, not the run
+        except Exception as err:
+            print(f"skipped {v.name}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        rows.append(v)
     times: dict[str, list[float]] = {v.name: [] for v in rows}
     for i in range(warmup + reps):
         for v in rows:
@@ -120,12 +224,14 @@ def run(shape: tuple[int, int], tokens: int, reps: int, warmup: int, device: str
             if i >= warmup:
                 times[v.name].append(t)
     table = [
-        {"shape": f"{m}x{n}", "tokens": tokens, "variant": v.name, "trainable": v.trainable,
+        {"shape": f"{m}x{n}", "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "variant": v.name,
+         "method": v.method, "trainable": v.trainable,
          "median_ms": 1e3 * statistics.median(times[v.name]), "min_ms": 1e3 * min(times[v.name])}
         for v in rows
     ]
     base_ms = table[0]["median_ms"]
-    lora_over = next(r for r in table if r["variant"] == "peft lora r=16")["median_ms"] - base_ms
+    reference = next((r for r in table if r["variant"] == REFERENCE), None)
+    lora_over = reference["median_ms"] - base_ms if reference else float("nan")
     for r in table:
         r["overhead_ms"] = r["median_ms"] - base_ms
         r["ratio_to_base"] = r["median_ms"] / base_ms
@@ -133,13 +239,13 @@ def run(shape: tuple[int, int], tokens: int, reps: int, warmup: int, device: str
     return table
 
 
+COLUMNS = [
+    ("shape", "shape", ""), ("tokens", "B", "d"), ("variant", "variant", ""), ("trainable", "trainable", ",d"),
+    ("median_ms", "median ms", ".2f"), ("min_ms", "min ms", ".2f"), ("overhead_ms", "overhead ms", "+.2f"),
+    ("ratio_to_base", "x base", ".3f"), ("overhead_vs_peft_lora16", "ovh / peft LoRA16 ovh", ".2f"),
+]
+
+
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table for stdout."""
-    head = f"{'shape':<12}{'variant':<36}{'trainable':>10}{'median ms':>11}{'overhead ms':>13}{'x base':>8}{'ovh/LoRA16':>11}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['shape']:<12}{r['variant']:<36}{r['trainable']:>10,}{r['median_ms']:>11.2f}{r['overhead_ms']:>13.2f}"
-            f"{r['ratio_to_base']:>8.3f}{r['overhead_vs_peft_lora16']:>11.2f}"
-        )
-    return "\n".join(lines)
+    return table(rows, COLUMNS)

@@ -1,0 +1,176 @@
+"""What the benchmarks share: the LLaMA shapes, each method's paper setting, meta models, tables.
+
+Methods are read from the adapter registry at run time (megaspec.adapters.ADAPTERS), so a method
+registered tomorrow shows up in every benchmark; one without an entry in PAPER_SETTINGS runs at
+AdapterConfig's defaults (n_coeffs 750 or rank 8, q and v).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaspec.adapters import ADAPTERS
+from megaspec.config import AdapterConfig
+
+QV = ("q_proj", "v_proj")
+QKV_MLP = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj")
+
+# vocab, hidden, MLP, layers, heads, kv heads: the public config.json of each model
+LLAMA_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, tie_word_embeddings=False,
+    ),
+    "llama-3-70b": dict(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One method at one setting: a label for tables, the method, its config fields and targets."""
+
+    label: str
+    method: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = QV
+
+    def config(self, **overrides: Any) -> AdapterConfig:
+        """The AdapterConfig of this setting (overrides win)."""
+        return AdapterConfig(method=self.method, target_modules=list(self.targets), **{**self.fields, **overrides})
+
+
+# METHODS.md §8 and the brief: the settings each paper reports for LLaMA-class models.
+PAPER_SETTINGS: dict[str, list[Setting]] = {
+    "ssh": [Setting("ssh n=750", "ssh", {"n_coeffs": 750})],
+    "fourierft": [Setting("fourierft n=1000", "fourierft", {"n_coeffs": 1000})],
+    "lora": [Setting(f"lora r={r}", "lora", {"rank": r, "alpha": 2.0 * r}) for r in (8, 16, 64)],
+    "spectral_a": [Setting("spectral_a r=8", "spectral_a", {"rank": 8}, QKV_MLP)],
+    # the Spectral^R paper has no LLM setting: the same rank and targets as Spectral^A
+    "spectral_r": [Setting("spectral_r r=8", "spectral_r", {"rank": 8}, QKV_MLP)],
+    "smoa": [Setting("smoa r=8 K=2", "smoa", {"rank": 8, "n_blocks": 2}, ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))],
+    "s2ft": [Setting("s2ft n=750", "s2ft", {"n_coeffs": 750})],
+}
+
+
+def registered_methods() -> list[str]:
+    """The methods registered right now, in registry order."""
+    return list(ADAPTERS)
+
+
+def is_sparse_spectrum(method: str) -> bool:
+    """Whether the method trains n spectral coefficients per layer (ssh, fourierft, s2ft, ...)."""
+    from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+
+    return issubclass(ADAPTERS[method], SparseSpectrumAdapter)
+
+
+def default_setting(method: str) -> Setting:
+    """A registered method with no paper entry: AdapterConfig defaults (q,v; n=750 or rank 8)."""
+    defaults = AdapterConfig()
+    if is_sparse_spectrum(method):
+        return Setting(f"{method} n={defaults.n_coeffs}", method, {"n_coeffs": defaults.n_coeffs})
+    return Setting(f"{method} r={defaults.rank}", method, {"rank": defaults.rank})
+
+
+def paper_settings(methods: list[str] | None = None) -> list[Setting]:
+    """Every registered method (or those in `methods`) at its paper setting(s)."""
+    out = []
+    for method in registered_methods():
+        if methods is None or method in methods:
+            out += PAPER_SETTINGS.get(method) or [default_setting(method)]
+    return out
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    """'ssh,lora' -> ['ssh', 'lora']; None or 'all' -> None (no filter)."""
+    if text is None or text.strip() in ("", "all"):
+        return None
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def llama_config(name: str, **overrides: Any) -> Any:
+    """The transformers LlamaConfig of a named model (LLAMA_CONFIGS), with overrides."""
+    from transformers import LlamaConfig
+
+    if name not in LLAMA_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(LLAMA_CONFIGS)}")
+    return LlamaConfig(**{**LLAMA_CONFIGS[name], **overrides})
+
+
+def meta_llama(config: Any) -> nn.Module:
+    """A LlamaForCausalLM on the meta device: shapes only, no memory."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def decoder_linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(out, in) of the seven projections of one decoder layer."""
+    h, f = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {
+        "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+        "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, load average, threads and torch version: the header of every measurement."""
+    model = platform.processor() or platform.machine()
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), model)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = []
+    info = {"cpu": model, "cores": os.cpu_count(), "load_avg": load,
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A fixed-width text table: columns are (key, header, format spec); strings left, numbers right."""
+    cells = [[_cell(r.get(key), spec) for key, _, spec in columns] for r in rows]
+    widths = [max([len(head)] + [len(c[i]) for c in cells]) for i, (_, head, _) in enumerate(columns)]
+    left = [all(isinstance(r.get(key), str) or r.get(key) is None for r in rows) for key, _, _ in columns]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if lf else v.rjust(w) for v, w, lf in zip(values, widths, left, strict=True)).rstrip()
+
+    head = line([h for _, h, _ in columns])
+    return "\n".join([head, "-" * len(head), *(line(c) for c in cells)])
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if spec == "bytes":
+        return fmt_bytes(value)
+    return format(value, spec) if spec else str(value)

@@ -1,0 +1,336 @@
+"""Wall time and peak memory of SSH's collective planning step, measured per layer and extrapolated to 70B.
+
+Three measurements, each in a fresh process (peak RSS is per process; tracemalloc does not see torch):
+
+1. one layer: SSHAdapter.plan_layer (dht2_energy + top-k of the energy candidates) on a real fp32
+   (or bf16) weight of each distinct LLaMA-3-70B projection shape; peak = VmHWM - VmRSS before
+   planning, with the weight already allocated (so "peak extra" is what planning adds to it);
+2. combine: SSHAdapter.combine on synthetic candidates of every layer (the global top-k over all
+   layers and the random draws), as every rank runs it after the all-gather;
+3. ranks: plan_adapters on a small ZeRO-3 model (4 layers of 2048 x 2048) on 1 and 2 CPU ranks
+   (gloo), wall time and peak per rank.
+
+Extrapolation to a whole model: layers are spread by megaspec.dist.assign_layers; a rank's planning
+time is the sum of its layers' measured times (max over ranks reported), its peak is its largest
+layer's; every rank receives all candidates: floor(energy_ratio * n * L) per layer, 12 bytes each
+(fp32 score + int64 position), before pickling. Gather time (ZeRO-3 all-gather of each layer) is
+not included: it depends on the network.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from megaspec.benchmarks.common import decoder_linear_shapes, llama_config, table
+from megaspec.config import AdapterConfig
+from megaspec.dist import assign_layers
+
+CANDIDATE_BYTES = 12  # fp32 score + int64 flat position
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux clear_refs "5"); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return 1024 * _status_kib("VmRSS")
+
+
+def peak_bytes() -> int:
+    """High-water mark of this process's resident set size (since start or the last reset_peak)."""
+    return 1024 * _status_kib("VmHWM")
+
+
+def ssh_config(n_coeffs: int, energy_ratio: float) -> AdapterConfig:
+    """SSH in global mode (the default): the energy budget of a layer is energy_ratio * n * L."""
+    return AdapterConfig(method="ssh", n_coeffs=n_coeffs, energy_ratio=energy_ratio, selection="global")
+
+
+def candidates_per_layer(n_coeffs: int, energy_ratio: float, n_layers: int) -> int:
+    """floor(energy_ratio * n * L): what one layer's plan_layer keeps and sends (SSHAdapter.energy_budget)."""
+    return math.floor(energy_ratio * n_coeffs * n_layers)
+
+
+def _layer_worker(shape: tuple[int, int], dtype: str, n_coeffs: int, energy_ratio: float, n_layers: int, threads: int) -> dict[str, Any]:
+    """In a fresh process: plan one layer of `shape` (out, in), return time and peak."""
+    from megaspec.adapters import dense_weight
+    from megaspec.adapters.ssh import SSHAdapter
+    from megaspec.spectral import dht2_energy
+
+    torch.set_num_threads(threads)
+    m, n = shape
+    with torch.device("meta"):
+        base = nn.Linear(n, m, bias=False)
+    base.weight = nn.Parameter(torch.randn(m, n, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype)), requires_grad=False)
+    adapter = SSHAdapter(base, ssh_config(n_coeffs, energy_ratio), "layer", n_layers=n_layers)
+    out: dict[str, Any] = {"shape": f"{m}x{n}", "dtype": dtype, "weight_bytes": base.weight.numel() * base.weight.element_size(),
+                           "fp32_bytes": 4 * m * n, "k": min(adapter.energy_budget(), m * n)}
+    _warm_up()
+    rss = rss_bytes()
+    out["peak_reset"] = reset_peak()
+    start = time.perf_counter()
+    energy = dht2_energy(dense_weight(base))
+    out["energy_s"] = time.perf_counter() - start
+    out["energy_peak_extra"] = peak_bytes() - rss
+    start = time.perf_counter()
+    torch.topk(energy.flatten().double(), out["k"], sorted=True)  # what plan_layer does after the energy
+    out["topk_s"] = time.perf_counter() - start
+    del energy
+    reset_peak()
+    rss = rss_bytes()
+    start = time.perf_counter()
+    result = adapter.plan_layer(dense_weight(base))
+    out["plan_layer_s"] = time.perf_counter() - start
+    out["peak_extra"] = peak_bytes() - rss
+    out["result_bytes"] = sum(t.numel() * t.element_size() for t in result.values())
+    return out
+
+
+def _warm_up() -> None:
+    """Run the planning ops once on a small tensor so that lazy library set-up is not counted as peak."""
+    from megaspec.spectral import dht2_energy
+
+    torch.topk(dht2_energy(torch.randn(64, 128)).flatten().double(), 16)
+
+
+def _combine_worker(shapes: list[tuple[int, int]], n_coeffs: int, energy_ratio: float, threads: int) -> dict[str, Any]:
+    """In a fresh process: SSHAdapter.combine over synthetic sorted candidates of every layer."""
+    from megaspec.adapters.ssh import SSHAdapter
+
+    torch.set_num_threads(threads)
+    config = ssh_config(n_coeffs, energy_ratio)
+    adapters = {}
+    for i, (m, n) in enumerate(shapes):
+        with torch.device("meta"):
+            base = nn.Linear(n, m, bias=False)
+        adapters[f"layer{i}"] = SSHAdapter(base, config, f"layer{i}", n_layers=len(shapes))
+    g = torch.Generator().manual_seed(0)
+    results = {}
+    for name, adapter in adapters.items():
+        k = min(adapter.energy_budget(), math.prod(adapter.shape))
+        scores = torch.rand(k, generator=g).sort(descending=True).values
+        results[name] = {"scores": scores, "positions": torch.randint(0, math.prod(adapter.shape), (k,), generator=g)}
+    received = sum(t.numel() * t.element_size() for r in results.values() for t in r.values())
+    reset_peak()
+    rss = rss_bytes()
+    start = time.perf_counter()
+    plans = SSHAdapter.combine(adapters, results)
+    seconds = time.perf_counter() - start
+    return {"layers": len(shapes), "candidates": sum(r["scores"].numel() for r in results.values()),
+            "received_bytes": received, "combine_s": seconds, "peak_extra": peak_bytes() - rss,
+            "coefficients": sum(p["rows"].numel() for p in plans.values())}
+
+
+def in_fresh_process(fn: Any, *args: Any) -> dict[str, Any]:
+    """fn(*args) in a new interpreter (spawn), so its peak RSS is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def model_layers(model: str, targets: tuple[str, ...] = PROJECTIONS, **overrides: Any) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (out, in)) of every targeted projection of a LLaMA model, in layer order."""
+    config = llama_config(model, **overrides)
+    shapes = decoder_linear_shapes(config)
+    return [(f"layers.{i}.{t}", shapes[t]) for i in range(config.num_hidden_layers) for t in targets]
+
+
+def extrapolate(layers: list[tuple[str, tuple[int, int]]], measured: dict[str, dict[str, Any]], world_sizes: tuple[int, ...],
+                n_coeffs: int, energy_ratio: float) -> list[dict[str, Any]]:
+    """Per world size: max rank planning time, peak, and candidate volumes, from per-shape measurements."""
+    sizes = [m * n for _, (m, n) in layers]
+    keys = [f"{m}x{n}" for _, (m, n) in layers]
+    k = candidates_per_layer(n_coeffs, energy_ratio, len(layers))
+    rows = []
+    for world in world_sizes:
+        owners = assign_layers(sizes, world)
+        time_per_rank = [0.0] * world
+        peak_per_rank = [0] * world
+        sent = [0] * world
+        for key, owner, size in zip(keys, owners, sizes, strict=True):
+            time_per_rank[owner] += measured[key]["plan_layer_s"]
+            peak_per_rank[owner] = max(peak_per_rank[owner], measured[key]["peak_extra"] + measured[key]["weight_bytes"])
+            sent[owner] += min(k, size) * CANDIDATE_BYTES
+        biggest = max(measured[key]["fp32_bytes"] for key in set(keys))
+        rows.append({
+            "layers": len(layers), "world_size": world, "candidates_per_layer": k,
+            "max_rank_s": max(time_per_rank), "min_rank_s": min(time_per_rank),
+            "peak_per_rank": max(peak_per_rank), "peak_over_layer_fp32": max(peak_per_rank) / biggest,
+            "allgather_received": sum(sent), "max_rank_sent": max(sent),
+        })
+    return rows
+
+
+def measure_layers(shapes: list[tuple[int, int]], dtype: str, n_coeffs: int, energy_ratio: float, n_layers: int,
+                   threads: int) -> dict[str, dict[str, Any]]:
+    """plan_layer time and peak of each distinct shape, each in a fresh process."""
+    out = {}
+    for m, n in dict.fromkeys(shapes):
+        out[f"{m}x{n}"] = in_fresh_process(_layer_worker, (m, n), dtype, n_coeffs, energy_ratio, n_layers, threads)
+    return out
+
+
+# --- 1 vs 2 ranks under ZeRO-3 ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(spec_path: str) -> None:
+    """One rank of the ZeRO-3 measurement: build a partitioned stack of linears, plan SSH, write JSON."""
+    import deepspeed
+
+    from megaspec.adapters.ssh import SSHAdapter
+    from megaspec.dist import plan_adapters
+
+    spec = json.loads(Path(spec_path).read_text())
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(0)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        layers = [nn.Linear(spec["width"], spec["width"], bias=False) for _ in range(spec["layers"])]
+    for layer in layers:
+        layer.requires_grad_(False)
+    config = ssh_config(spec["n_coeffs"], spec["energy_ratio"])
+    adapters = {f"layer{i}": SSHAdapter(layer, config, f"layer{i}", n_layers=len(layers)) for i, layer in enumerate(layers)}
+    _warm_up()
+    torch.distributed.barrier()
+    reset_peak()
+    rss = rss_bytes()
+    start = time.perf_counter()
+    info = plan_adapters(adapters)
+    seconds = time.perf_counter() - start
+    result = {"rank": rank, "world_size": torch.distributed.get_world_size(), "plan_s": seconds,
+              "peak_extra": peak_bytes() - rss, "digest": info["digest"], "peak_gathered_numel": info["peak_gathered_numel"],
+              "planned_here": sum(1 for owner in info["planned_by"].values() if owner == rank)}
+    Path(spec["out"]).joinpath(f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def ranks_run(world_size: int, layers: int = 4, width: int = 2048, n_coeffs: int = 750, energy_ratio: float = 0.5,
+              timeout: float = 900.0) -> list[dict[str, Any]]:
+    """plan_adapters on `world_size` local CPU ranks (gloo, one thread each); one result per rank."""
+    with tempfile.TemporaryDirectory(prefix="megaspec-sel-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"layers": layers, "width": width, "n_coeffs": n_coeffs, "energy_ratio": energy_ratio, "out": tmp}))
+        port = _free_port()
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "megaspec.benchmarks.selection", str(spec)],
+                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for r in range(world_size)
+        ]
+        errors = []
+        for r, proc in enumerate(procs):
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode != 0:
+                errors.append(f"rank {r} exit {proc.returncode}: {err.decode()[-2000:]}")
+        if errors:
+            raise RuntimeError("ZeRO-3 planning run failed:\n" + "\n".join(errors))
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def run(model: str = "llama-3-70b", dtype: str = "float32", n_coeffs: int = 750, energy_ratio: float = 0.5,
+        world_sizes: tuple[int, ...] = (1, 8, 16, 64), threads: int = 2, rank_sizes: tuple[int, ...] = (1, 2),
+        rank_layers: int = 4, rank_width: int = 2048, combine: bool = True, **overrides: Any) -> dict[str, list[dict[str, Any]]]:
+    """All three measurements and the extrapolation, as tables."""
+    all_layers = model_layers(model, PROJECTIONS, **overrides)
+    qv_layers = model_layers(model, ("q_proj", "v_proj"), **overrides)
+    measured = measure_layers([s for _, s in all_layers], dtype, n_coeffs, energy_ratio, len(all_layers), threads)
+    layer_rows = list(measured.values())
+    for row in layer_rows:
+        row["peak_over_layer_fp32"] = (row["peak_extra"] + row["weight_bytes"]) / row["fp32_bytes"]
+    model_rows = []
+    for targets, layers in (("all 7", all_layers), ("q,v", qv_layers)):
+        for row in extrapolate(layers, measured, world_sizes, n_coeffs, energy_ratio):
+            model_rows.append({"model": model, "targets": targets, **row})
+    combine_rows = []
+    if combine:
+        for targets, layers in (("q,v", qv_layers), ("all 7", all_layers)):
+            row = in_fresh_process(_combine_worker, [s for _, s in layers], n_coeffs, energy_ratio, threads)
+            combine_rows.append({"model": model, "targets": targets, **row})
+    rank_rows = []
+    for world in rank_sizes:
+        for r in ranks_run(world, rank_layers, rank_width, n_coeffs, energy_ratio):
+            rank_rows.append({"layers": f"{rank_layers}x{rank_width}x{rank_width}", **r})
+    return {"layer": layer_rows, "model": model_rows, "combine": combine_rows, "ranks": rank_rows}
+
+
+LAYER_COLUMNS = [
+    ("shape", "shape (out x in)", ""), ("dtype", "dtype", ""), ("weight_bytes", "weight", "bytes"), ("k", "top-k", ",d"),
+    ("energy_s", "dht2_energy s", ".2f"), ("topk_s", "top-k s", ".2f"), ("plan_layer_s", "plan_layer s (both, again)", ".2f"),
+    ("energy_peak_extra", "energy peak extra", "bytes"), ("peak_extra", "plan_layer peak extra", "bytes"),
+    ("peak_over_layer_fp32", "(weight + extra) / fp32 layer", ".2f"),
+]
+MODEL_COLUMNS = [
+    ("model", "model", ""), ("targets", "targets", ""), ("layers", "L", "d"), ("world_size", "ranks", "d"),
+    ("candidates_per_layer", "cand./layer", ",d"), ("max_rank_s", "max rank s", ".1f"), ("min_rank_s", "min rank s", ".1f"),
+    ("peak_per_rank", "peak/rank", "bytes"), ("peak_over_layer_fp32", "/ largest fp32 layer", ".2f"),
+    ("allgather_received", "all-gather recv/rank", "bytes"), ("max_rank_sent", "max sent/rank", "bytes"),
+]
+COMBINE_COLUMNS = [
+    ("model", "model", ""), ("targets", "targets", ""), ("layers", "L", "d"), ("candidates", "candidates", ",d"),
+    ("received_bytes", "candidate bytes", "bytes"), ("combine_s", "combine s", ".2f"), ("peak_extra", "combine peak extra", "bytes"),
+    ("coefficients", "coefficients", ",d"),
+]
+RANK_COLUMNS = [
+    ("layers", "model", ""), ("world_size", "ranks", "d"), ("rank", "rank", "d"), ("planned_here", "layers planned", "d"),
+    ("plan_s", "plan_adapters s", ".2f"), ("peak_extra", "peak extra", "bytes"), ("peak_gathered_numel", "peak gathered numel", ",d"),
+    ("digest", "plan digest", ""),
+]
+
+
+def format_table(result: dict[str, list[dict[str, Any]]]) -> str:
+    """The four tables, titled."""
+    parts = [("one layer, fresh process each", result["layer"], LAYER_COLUMNS),
+             ("whole model, extrapolated (assign_layers; time = max rank load)", result["model"], MODEL_COLUMNS),
+             ("combine step on every rank (synthetic candidates)", result["combine"], COMBINE_COLUMNS),
+             ("plan_adapters under ZeRO-3, CPU ranks (gloo)", result["ranks"], RANK_COLUMNS)]
+    out = []
+    for title, rows, columns in parts:
+        if rows:
+            shown = [{**r, "digest": r["digest"][:12]} if "digest" in r else r for r in rows]
+            out.append(f"{title}\n{table(shown, columns)}")
+    return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

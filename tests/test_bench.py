@@ -1,0 +1,144 @@
+"""Benchmarks: every subcommand runs on tiny sizes and prints its rows; the memory formula against measured bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaspec.adapters import ADAPTERS
+from megaspec.benchmarks import memory, overhead, params, quality, selection, throughput
+from megaspec.benchmarks.common import meta_llama, paper_settings, table
+
+from .distributed import REPO
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512)
+
+
+def bench_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/bench.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_every_registered_method_has_a_setting():
+    assert {s.method for s in paper_settings()} == set(ADAPTERS)
+
+
+def test_params_reproduce_the_ssh_paper_count():
+    rows = params.run(["llama-3.1-8b"], ["ssh", "lora"])
+    by_label = {r["setting"]: r for r in rows}
+    assert by_label["ssh n=750"]["trainable"] == 48_000  # SSH abstract: 0.048 M for LLaMA-3.1-8B
+    assert by_label["lora r=8"]["trainable"] == 3_407_872  # METHODS.md §8
+    assert by_label["lora r=64"]["trainable"] == 27_262_976
+    assert by_label["ssh n=750"]["vs_lora8_qv"] == pytest.approx(48_000 / 3_407_872)
+    text = table(rows, params.COLUMNS)
+    assert "ssh n=750" in text and "48,000" in text
+
+
+def test_params_cli_json():
+    result = bench_cli("params", "--models", "llama-3.1-8b", "--methods", "ssh", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["command"][2] == "params" and out["machine"]["cores"] >= 1
+    assert [r["trainable"] for r in out["result"]] == [48_000]
+
+
+def test_overhead_rows_on_a_small_layer():
+    rows = overhead.run((64, 128), tokens=16, reps=1, warmup=0, device="cpu", dtype=torch.float32)
+    names = [r["variant"] for r in rows]
+    assert names[0] == overhead.BASE
+    for expected in ("megaspec ssh n=750 (fast)", "megaspec ssh n=750 (dense path)", "peft lora r=8", "peft lora r=16",
+                     "peft lora r=64", "peft fourierft n=1000"):
+        assert expected in names
+    assert {r["method"] for r in rows} >= set(ADAPTERS)  # every registered method got a row
+    assert rows[0]["ratio_to_base"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
+    assert "ovh / peft LoRA16 ovh" in overhead.format_table(rows)
+
+
+def test_overhead_methods_filter_and_bf16():
+    rows = overhead.run((64, 128), tokens=8, reps=1, warmup=0, device="cpu", dtype=torch.bfloat16, methods=["lora", "peft_lora"])
+    assert [r["variant"] for r in rows] == [overhead.BASE, "megaspec lora r=16", "peft lora r=8", "peft lora r=16", "peft lora r=64"]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+
+
+def test_synthetic_svd_has_the_real_shapes():
+    a = torch.randn(6, 4, dtype=torch.float64)
+    real = torch.linalg.svd(a, full_matrices=False)
+    with overhead.synthetic_svd():
+        fake = torch.linalg.svd(a, full_matrices=False)
+    assert [t.shape for t in fake] == [t.shape for t in real] and torch.linalg.svd is not None
+    assert torch.allclose(torch.linalg.svd(a, full_matrices=False)[1], real[1])  # restored
+
+
+def test_memory_rows_and_bf16_formula_is_two_bytes_per_parameter():
+    result = memory.run(["llama-3.1-8b"], ("bf16", "nf4"), (1, 8), micro_batch=1, seq_len=64, methods=["ssh", "lora"], **TINY)
+    assert [(r["precision"], r["world_size"]) for r in result["base"]] == [("bf16", 1), ("bf16", 8), ("nf4", 1), ("nf4", 8)]
+    model = meta_llama(memory.llama_config("llama-3.1-8b", **TINY))
+    n_params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert result["base"][0]["base_per_rank"] == 2 * n_params + buffers
+    assert result["base"][3]["quant_state"] == result["base"][2]["quant_state"] > 0  # never partitioned
+    assert {r["setting"] for r in result["adapters"]} == {"ssh n=750", "lora r=8", "lora r=16", "lora r=64"}
+    text = memory.format_table(result)
+    assert "frozen base/rank" in text and "ssh n=750" in text
+
+
+def test_memory_formula_matches_measured_bytes_on_tiny_models():
+    pytest.importorskip("bitsandbytes")
+    rows = memory.validate()
+    assert len(rows) == 7  # fp32, bf16, nf4, nf4-dq, int8 storage; two activation checks
+    for row in rows:
+        assert abs(row["rel_error"]) < 0.02, row
+    nf4 = next(r for r in rows if r["what"].endswith(", nf4"))
+    assert nf4["linear_bytes_per_param"] == pytest.approx(0.5 + 4 / 64, abs=0.002)  # one fp32 absmax per 64
+
+
+def test_selection_layer_and_combine_tables():
+    result = selection.run("llama-3-70b", n_coeffs=50, world_sizes=(1, 2), threads=1, rank_sizes=(), **TINY)
+    assert {r["shape"] for r in result["layer"]} == {"128x128", "64x128", "256x128", "128x256"}
+    assert all(r["plan_layer_s"] > 0 and r["k"] == math.floor(0.5 * 50 * 14) for r in result["layer"])
+    by = {(r["targets"], r["world_size"]): r for r in result["model"]}
+    assert by[("all 7", 1)]["allgather_received"] == 14 * 350 * selection.CANDIDATE_BYTES
+    assert by[("all 7", 2)]["max_rank_s"] <= by[("all 7", 1)]["max_rank_s"]
+    assert [r["coefficients"] for r in result["combine"]] == [4 * 50, 14 * 50]
+    assert "plan_layer s" in selection.format_table(result)
+
+
+@pytest.mark.slow
+def test_selection_zero3_ranks_agree():
+    rows = selection.ranks_run(2, layers=2, width=128, n_coeffs=20)
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert rows[0]["digest"] == rows[1]["digest"]
+    assert sum(r["planned_here"] for r in rows) == 2
+
+
+def test_quality_smoke():
+    results = quality.run(steps=2, seeds=(0, 1), methods=["ssh", "lora", "peft_lora"], lrs=(1e-2,), jobs=1, threads=1)
+    labels = [r["label"] for r in results]
+    assert labels[0] == "base model, no fine-tuning" and "lora r=8" in labels and "peft lora r=8" in labels
+    assert any(label.startswith("ssh n=") and "1/100" in label for label in labels)
+    lora = next(r for r in results if r["label"] == "lora r=8")
+    ssh_small = next(r for r in results if r["label"].startswith("ssh n=") and "1/100" in r["label"])
+    assert lora["trainable"] == 3584 and ssh_small["trainable"] * 100 <= lora["trainable"]
+    assert all(math.isfinite(r["test_mean"]) and len(r["tests"]) in (1, 2) for r in results)
+    assert "test loss mean" in quality.format_table(results)
+
+
+def test_throughput_without_cuda_exits_cleanly(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = bench_cli("throughput")
+    assert result.returncode == 0 and throughput.NO_CUDA in result.stdout
+
+
+def test_throughput_runs_on_cpu_for_a_tiny_model():
+    rows = throughput.run(layers=2, batch=1, seq_len=16, steps=1, warmup=0, device="cpu", peak_tflops=1.0,
+                          **{**TINY, "num_hidden_layers": 3})
+    assert [r["setting"] for r in rows] == ["frozen only", "ssh n=750", "lora r=16"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["flops_per_token_6N"] > r["flops_per_token_4N"] > 0
+    assert "MFU 4N" in throughput.format_table(rows)
