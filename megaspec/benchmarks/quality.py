@@ -284,7 +284,7 @@ def _star_run_row(args: tuple[Any, ...]) -> dict[str, Any]:
 COLUMNS = [
     ("label", "row", ""), ("trainable", "trainable", ",d"), ("lr", "lr (val-picked)", "g"),
     ("test_mean", "test loss mean", ".4f"), ("test_std", "std over seeds", ".4f"), ("vs_lora8", "vs lora r=8", "+.2%"),
-    ("runs", "runs", "d"), ("seconds", "CPU-thread s", ".0f"),
+    ("runs", "runs", "d"), ("seconds", "worker s", ".0f"),
 ]
 
 
