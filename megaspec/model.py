@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 from megaspec.adapters import Adapter, adapter_class, dense_weight, is_quantized
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import AdapterConfig
-from megaspec.dist import plan_adapters
+from megaspec.dist import gather_params, plan_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -128,18 +127,6 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return sum(_numel(p) for p in model.parameters() if p.requires_grad)
 
 
-@contextlib.contextmanager
-def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
-    """Full values of ZeRO-3 partitioned parameters inside the block (a no-op otherwise)."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-    else:
-        yield
-
-
 def _is_writer() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
@@ -150,7 +137,7 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     layers: dict[str, Any] = {}
     for name, adapter in adapters_of(model).items():
         params = dict(adapter.named_parameters(recurse=False))
-        with _gathered(list(params.values())):
+        with gather_params(list(params.values())):
             for key, p in params.items():
                 tensors[f"{name}.{key}"] = p.detach().float().cpu().clone()
         plan = adapter.plan_state()
@@ -210,7 +197,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdapterSummary:
         elif calibrating({name: adapter}):  # a plan made from data is restored, never recomputed
             adapter.set_plan(saved_plan)
         params = dict(adapter.named_parameters(recurse=False))
-        with _gathered(list(params.values())), torch.no_grad():
+        with gather_params(list(params.values())), torch.no_grad():
             for key in info["params"]:
                 params[key].copy_(tensors[f"{name}.{key}"].to(params[key].dtype))
     return summarize(model, config.method)
@@ -254,6 +241,6 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Mod
     for name, adapter in adapters_of(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        with _gathered(list(adapter.parameters())):
+        with gather_params(list(adapter.parameters())):
             setattr(parent, child, merged_linear(adapter, dtype))
     return model

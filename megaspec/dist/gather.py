@@ -16,19 +16,26 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 @contextmanager
-def gather_layer(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, `module`'s parameters hold their full data; released on exit.
+def gather_params(params: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block, the ZeRO-3 partitioned ones among `params` hold their full data (a no-op otherwise).
 
     Under ZeRO-3 this is deepspeed.zero.GatheredParameters, a collective: every rank of the
-    parameters' process group must enter it for the same modules in the same order.
+    parameters' process group must enter it for the same parameters in the same order.
     modifier_rank=None: the data is only read, so nothing is broadcast back on exit.
     """
-    if not is_partitioned(module):
-        yield module
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=True)), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+@contextmanager
+def gather_layer(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `module`'s parameters (recursively) hold their full data; released on exit."""
+    with gather_params(list(module.parameters(recurse=True))):
         yield module
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from megaspec.adapters import dense_weight, is_quantized
+from megaspec.dist import gather_params
 from megaspec.export.run import ExportError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,18 +78,6 @@ class CheckpointSource:
             return f.get_tensor(name)
 
 
-@contextlib.contextmanager
-def _gathered(param: torch.Tensor) -> Iterator[None]:
-    """One ZeRO-3 parameter materialised on every rank within the block (a no-op otherwise)."""
-    if not hasattr(param, "ds_id"):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-        yield
-
-
 class ModelSource:
     """A loaded base model's parameters and persistent buffers, named as in its state dict (tied ones once)."""
 
@@ -111,7 +99,7 @@ class ModelSource:
     def read(self, name: str, wanted: bool) -> torch.Tensor | None:
         module, key, is_param = self.entries[name]
         tensor = getattr(module, key)
-        with _gathered(tensor) if is_param else contextlib.nullcontext():
+        with gather_params([tensor]) if is_param else contextlib.nullcontext():
             if not wanted:
                 return None
             if key == "weight" and is_quantized(module):
