@@ -182,19 +182,59 @@ def zero_weight_quantization(ds_config: dict[str, Any]) -> str | None:
 def check_quantization(ds_config: dict[str, Any], quantize: str) -> None:
     """One clear error for combinations that cannot run, before any weight is loaded."""
     key = zero_weight_quantization(ds_config)
-    if key is None:
-        return
-    if quantize != "none":
+    if key is not None and quantize != "none":
         raise ValueError(
             f"--quantize {quantize} and {key} in --ds_config both quantize the frozen base: DeepSpeed would "
             "re-quantize bitsandbytes' packed codes as if they were numbers; choose one"
         )
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"{key} in --ds_config needs CUDA: DeepSpeed's int8 weight quantizer (QuantizerBuilder) has no CPU "
-            "kernel ('This op had not been implemented on CPU backend.'); on CPU use ds_configs/zero3.json, "
-            "optionally with --quantize nf4|int8"
-        )
+
+
+class TorchGroupQuantizer:
+    """DeepSpeed's symmetric 8-bit group quantizer op (QuantizerBuilder) in torch, for qwZ without CUDA.
+
+    The same contract and arithmetic as csrc/quantization (quantization_utils.h, Params<Symmetric,
+    8>), which CUDAQuantizer calls: the fp16 input is split into `groups` contiguous groups; per
+    group scale = 2^8 / (2 absmax) (1 if absmax = 0), q = clamp(rint(x scale), -128, 127) as int8
+    shaped like x, and fp32 params hold 1 / scale; dequantize returns fp16 q * params. The params are
+    a flat (groups,) tensor where the CUDA op returns (groups, 1): DeepSpeed all-gathers them into a
+    flat buffer, which NCCL takes by element count but gloo (CPU) refuses unless the shapes match.
+    DeepSpeed has no CPU kernel for it ("This op had not been implemented on CPU backend"), so
+    without this ds_configs/zero3_qwz.json could not run, or be tested, off a GPU.
+    """
+
+    Symmetric, Asymmetric = 0, 1
+
+    def quantize(self, x: torch.Tensor, groups: int, bits: int, kind: int) -> list[torch.Tensor]:
+        self._supported(bits, kind)
+        flat = x.reshape(groups, -1).float()
+        absmax = flat.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(absmax == 0, torch.ones_like(absmax), 256.0 / (2 * absmax))
+        codes = torch.round(flat * scale).clamp_(-128, 127).to(torch.int8)
+        return [codes.view(x.shape), torch.reciprocal(scale).view(groups)]
+
+    def dequantize(self, codes: torch.Tensor, params: torch.Tensor, groups: int, bits: int, kind: int) -> torch.Tensor:
+        self._supported(bits, kind)
+        return (codes.reshape(groups, -1).float() * params.reshape(groups, 1)).half().view(codes.shape)
+
+    @staticmethod
+    def _supported(bits: int, kind: int) -> None:
+        if bits != 8 or kind != TorchGroupQuantizer.Symmetric:
+            raise NotImplementedError(f"torch group quantizer: only symmetric 8-bit (qwZ's), not {bits}-bit kind {kind}")
+
+
+def provide_zero_quantizer() -> str:
+    """The quantizer DeepSpeed's qwZ will use: its CUDA op on a GPU, else TorchGroupQuantizer.
+
+    Call before zero.Init (from_pretrained under HfDeepSpeedConfig) builds its CUDAQuantizer,
+    which would otherwise try to load the CUDA op and fail on a CPU-only machine.
+    """
+    from deepspeed.runtime.zero.partition_parameters import CUDAQuantizer
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if not isinstance(CUDAQuantizer.quantizer_cuda_module, TorchGroupQuantizer):
+        CUDAQuantizer.quantizer_cuda_module = TorchGroupQuantizer()
+    return "torch"
 
 
 def quantize_frozen_partitions(model: nn.Module) -> int:
@@ -207,20 +247,21 @@ def quantize_frozen_partitions(model: nn.Module) -> int:
     skips the same small shards. Gathers then dequantize, so planning, training and merging all
     see the same int8-rounded weights. Returns the number of shards quantized.
 
-    Not at world size 1: DeepSpeed 0.19.8's no-gather path (NoGatherHandle) dequantizes through
-    Init.quantizer_module, which it never sets, and one rank holds every weight whole anyway.
+    At world size 1 the "shard" is the whole weight and DeepSpeed fetches it with NoGatherHandle,
+    which dequantizes through the class attribute Init.quantizer_module that DeepSpeed 0.19.8 never
+    sets (only instances get one): it is set here, so one GPU gets the int8 storage too.
     """
-    from deepspeed.runtime.zero.partition_parameters import CUDAQuantizer
+    from deepspeed.runtime.zero.partition_parameters import CUDAQuantizer, Init
 
-    quantizer = None
+    quantizer = getattr(Init, "quantizer_module", None) or CUDAQuantizer()
+    Init.quantizer_module = quantizer
     count = 0
     for param in model.parameters():
         shard = getattr(param, "ds_tensor", None)
         if param.requires_grad or shard is None or hasattr(shard, "ds_quant_scale") or param.ds_persist:
             continue
-        if shard.numel() <= 2048 or param.ds_numel <= 500_000 or shard.ds_numel == param.ds_numel:
+        if shard.numel() <= 2048 or param.ds_numel <= 500_000:  # DeepSpeed's own cut for small weights
             continue
-        quantizer = quantizer or CUDAQuantizer()
         quantized, scale = quantizer.quantize(shard)
         quantized.ds_quant_scale = scale
         quantized.ds_numel, quantized.status, quantized.final_location = shard.ds_numel, shard.status, shard.final_location

@@ -25,6 +25,7 @@ from megaspec.quant import (
     bnb_config,
     check_quantization,
     prepare_quantized,
+    provide_zero_quantizer,
     quantize_frozen_partitions,
     zero_weight_quantization,
 )
@@ -128,13 +129,19 @@ def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none") -
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     keep_alive = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None  # noqa: F841
     check_quantization(ds_config, quantize)
+    qwz = zero_weight_quantization(ds_config) if zero_stage(ds_config) == 3 else None
+    if qwz and provide_zero_quantizer() == "torch" and rank() == 0:
+        print(f"{qwz}: no CUDA, so DeepSpeed's int8 weight quantizer runs in torch (megaspec.quant)", flush=True)
     quantization = bnb_config(quantize, dtype)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
         prepare_quantized(base)
-    if zero_weight_quantization(ds_config) == "zero_quantized_nontrainable_weights" and zero_stage(ds_config) == 3:
+    if qwz == "zero_quantized_nontrainable_weights":
         base.requires_grad_(False)
-        quantize_frozen_partitions(base)
+        count = quantize_frozen_partitions(base)
+        if rank() == 0:
+            print(f"{qwz}: {count} frozen weight shards stored in int8 (DeepSpeed keeps weights under 500k "
+                  "elements in the run's dtype)", flush=True)
     return base
 
 
