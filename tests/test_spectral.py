@@ -171,6 +171,30 @@ def test_gradients_match_dense_path(kernel):
         torch.testing.assert_close(c1.grad, dht2(g.T @ x)[rows, cols] / math.prod(shape), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_many_tokens_in_several_passes_match_dense_path(kernel):
+    """More tokens than one CPU pass (CPU_ROWS_PER_PASS), the last pass partial, in a (batch, seq, N) input."""
+    from megaspec.spectral.sparse import CPU_ROWS_PER_PASS
+
+    shape = (24, 40)
+    rows, cols = random_positions(shape, 30, seed=5)
+    tokens = 2 * CPU_ROWS_PER_PASS + 37
+    x1 = torch.randn(1, tokens, 40, dtype=torch.float64)
+    x1.requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn(1, tokens, 24, dtype=torch.float64)
+    c1 = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    c2 = c1.detach().clone().requires_grad_(True)
+    y = sparse_spectrum_linear(x1, c1, rows, cols, 24, kernel)
+    expected = x2 @ dense_update(c2, rows, cols, shape, kernel).T
+    assert y.shape == expected.shape == (1, tokens, 24)
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=0)
+    (y * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(c1.grad, c2.grad, atol=1e-10, rtol=0)
+
+
 def test_fourier_update_matches_peft():
     """FourierFT dW equals HF peft's get_delta_weight for the same positions and coefficients."""
     from peft import FourierFTConfig, get_peft_model

@@ -50,9 +50,15 @@ def _mix_adjoint(dp: torch.Tensor, dq: torch.Tensor, kernel: str) -> tuple[torch
 
 
 def _gather_rfft(f: torch.Tensor, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of the full FFT at `idx`, read from a half spectrum (rfft)."""
+    """Real and imaginary parts of the full FFT at `idx`, read from a half spectrum (rfft).
+
+    Reads (re, im) pairs along the last axis of the interleaved real view: on a CPU that is ~3x
+    faster than index_select over the complex or the (..., 2) axis.
+    """
     mirrored = idx > length // 2
-    picked = torch.view_as_real(f).index_select(-2, torch.where(mirrored, length - idx, idx))
+    half = torch.where(mirrored, length - idx, idx)
+    pairs = torch.stack([2 * half, 2 * half + 1], dim=-1).flatten()
+    picked = torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2))
     sign = 1.0 - 2.0 * mirrored.to(picked.dtype)  # F[v] = conj(F[N - v]) for real input
     return picked[..., 0], picked[..., 1] * sign
 
@@ -71,9 +77,21 @@ def _hermitian_weights(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tu
 
 def _scatter_irfft(p: torch.Tensor, q: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor, half_idx: torch.Tensor, length: int, norm: str) -> torch.Tensor:
     """irfft of the half spectrum holding c_re p + i c_im q scattered at half_idx."""
-    spectrum = torch.zeros(*p.shape[:-1], length // 2 + 1, 2, dtype=p.dtype, device=p.device)
-    spectrum.index_add_(-2, half_idx, torch.stack([c_re * p, c_im * q], dim=-1))
-    return torch.fft.irfft(torch.view_as_complex(spectrum), n=length, dim=-1, norm=norm)
+    values = torch.complex(c_re * p, c_im * q)
+    spectrum = torch.zeros(*p.shape[:-1], length // 2 + 1, dtype=values.dtype, device=p.device)
+    spectrum.index_add_(-1, half_idx, values)
+    return torch.fft.irfft(spectrum, n=length, dim=-1, norm=norm)
+
+
+# Rows (tokens) per pass on a CPU: each pass's spectra (256 x (N/2 + 1) complex, 4 MB at N = 4096)
+# stay in cache and in the allocator's reused blocks; one pass over 2048 tokens allocates and
+# page-faults ~100 MB of temporaries per step, 2-2.5x slower. GPUs take all rows in one pass.
+CPU_ROWS_PER_PASS = 256
+
+
+def _row_passes(rows: int, device: torch.device) -> list[slice]:
+    step = CPU_ROWS_PER_PASS if device.type == "cpu" else max(rows, 1)
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 class _SparseSpectrumLinear(torch.autograd.Function):
@@ -81,16 +99,20 @@ class _SparseSpectrumLinear(torch.autograd.Function):
 
     Autograd through rfft/index ops is exact too but spends most of its time on full-size
     temporaries; this touches (B, n) tensors plus one forward and one inverse FFT each way.
-    Saves p, q (B x n each), not x.
+    Saves p, q (B x n each), not x. x arrives as (B, N) rows.
     """
 
     @staticmethod
     def forward(ctx, x, coeffs, rows, cols, out_features, kernel):  # type: ignore[override]
         n_in, m = x.shape[-1], out_features
-        p, q = _mix(*_gather_rfft(torch.fft.rfft(x, dim=-1), cols, n_in), kernel)
         half_rows, w_re, w_im = _hermitian_weights(rows, m, x.dtype)
         c = coeffs / n_in
-        y = _scatter_irfft(p, q, c * w_re, c * w_im, half_rows, m, norm="backward")
+        y = x.new_empty(x.shape[0], m)
+        p = x.new_empty(x.shape[0], cols.numel())
+        q = torch.empty_like(p)
+        for part in _row_passes(x.shape[0], x.device):
+            p[part], q[part] = _mix(*_gather_rfft(torch.fft.rfft(x[part], dim=-1), cols, n_in), kernel)
+            y[part] = _scatter_irfft(p[part], q[part], c * w_re, c * w_im, half_rows, m, norm="backward")
         ctx.save_for_backward(p, q, coeffs, rows, cols)
         ctx.kernel, ctx.n_in = kernel, n_in
         return y
@@ -99,17 +121,20 @@ class _SparseSpectrumLinear(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         p, q, coeffs, rows, cols = ctx.saved_tensors
         m, n_in = grad.shape[-1], ctx.n_in
-        # dL/d(c p) = Re(FFT_M g)[u] / (M N), dL/d(c q) = Im(FFT_M g)[u] / (M N)
-        g_re, g_im = _gather_rfft(torch.fft.rfft(grad, dim=-1, norm="forward"), rows, m)
-        g_re, g_im = g_re / n_in, g_im / n_in
-        grad_c = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_c = (g_re * p + g_im * q).reshape(-1, p.shape[-1]).sum(0)
-        if ctx.needs_input_grad[0]:
-            # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
-            d_re, d_im = _mix_adjoint(coeffs * g_re, coeffs * g_im, ctx.kernel)
-            half_cols, w_re, w_im = _hermitian_weights(cols, n_in, grad.dtype)
-            grad_x = _scatter_irfft(d_re, d_im, w_re, w_im, half_cols, n_in, norm="forward")
+        want_x, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_c = torch.zeros_like(coeffs) if want_c else None
+        grad_x = grad.new_empty(grad.shape[0], n_in) if want_x else None
+        half_cols, w_re, w_im = _hermitian_weights(cols, n_in, grad.dtype)
+        for part in _row_passes(grad.shape[0], grad.device):
+            # dL/d(c p) = Re(FFT_M g)[u] / (M N), dL/d(c q) = Im(FFT_M g)[u] / (M N)
+            g_re, g_im = _gather_rfft(torch.fft.rfft(grad[part], dim=-1, norm="forward"), rows, m)
+            g_re, g_im = g_re / n_in, g_im / n_in
+            if want_c:
+                grad_c += (g_re * p[part] + g_im * q[part]).sum(0)
+            if want_x:
+                # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
+                d_re, d_im = _mix_adjoint(coeffs * g_re, coeffs * g_im, ctx.kernel)
+                grad_x[part] = _scatter_irfft(d_re, d_im, w_re, w_im, half_cols, n_in, norm="forward")
         return grad_x, grad_c, None, None, None, None
 
 
@@ -127,9 +152,9 @@ def sparse_spectrum_linear(
     (first order). Transforms run in fp32 for half-precision x; the result has x's dtype.
     """
     _check_kernel(kernel)
-    xf = x.to(compute_dtype(x))
+    xf = x.to(compute_dtype(x)).reshape(-1, x.shape[-1])
     y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), rows, cols, out_features, kernel)
-    return y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
 def sparse_spectrum_rows(
