@@ -52,8 +52,13 @@ def train(model, ids, steps=8, lr=2e-2):
     return losses
 
 
+@pytest.mark.parametrize("path", ["auto", "fast"])
 @pytest.mark.parametrize("key", sorted(CONFIGS))
-def test_adapter_lifecycle(key, tiny_model, tmp_path):
+def test_adapter_lifecycle(key, path, tiny_model, tmp_path, monkeypatch):
+    """Plan, train, save, load, merge. "auto" builds the tiny layers' dW (megaspec.spectral.sparse
+    DENSE_CROSSOVER); "fast" forces the FFT path that every real-size layer takes."""
+    if path == "fast":
+        monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)
     config = CONFIGS[key]
     ids = batch()
     with torch.no_grad():

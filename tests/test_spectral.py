@@ -122,7 +122,7 @@ def test_fast_forward_matches_dense_float64(shape, kernel):
     c = torch.randn(n, dtype=torch.float64)
     x = torch.randn(2, 3, shape[1], dtype=torch.float64)
     dw = dense_update(c, rows, cols, shape, kernel)
-    torch.testing.assert_close(sparse_spectrum_linear(x, c, rows, cols, shape[0], kernel), x @ dw.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sparse_spectrum_linear(x, c, rows, cols, shape[0], kernel, path="fast"), x @ dw.T, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -131,7 +131,7 @@ def test_fast_forward_float32_relative(kernel):
     rows, cols = random_positions(shape, 300, seed=2)
     c = torch.randn(300)
     x = torch.randn(64, shape[1])
-    y = sparse_spectrum_linear(x, c, rows, cols, shape[0], kernel)
+    y = sparse_spectrum_linear(x, c, rows, cols, shape[0], kernel, path="fast")
     ref = (x.double() @ dense_update(c.double(), rows, cols, shape, kernel).T).float()
     assert ((y - ref).norm() / ref.norm()).item() < 1e-4
 
@@ -144,7 +144,7 @@ def test_repeated_rows_and_columns_accumulate():
     x = torch.randn(5, 6, dtype=torch.float64)
     for kernel in KERNELS:
         dw = torch.from_numpy(naive_update(c.numpy(), rows.numpy(), cols.numpy(), shape, kernel))
-        torch.testing.assert_close(sparse_spectrum_linear(x, c, rows, cols, 8, kernel), x @ dw.T, atol=1e-12, rtol=0)
+        torch.testing.assert_close(sparse_spectrum_linear(x, c, rows, cols, 8, kernel, path="fast"), x @ dw.T, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -153,7 +153,7 @@ def test_fast_forward_gradcheck(kernel):
     rows, cols = random_positions(shape, 7, seed=3)
     c = torch.randn(7, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda xx, cc: sparse_spectrum_linear(xx, cc, rows, cols, 6, kernel), (x, c))
+    assert torch.autograd.gradcheck(lambda xx, cc: sparse_spectrum_linear(xx, cc, rows, cols, 6, kernel, path="fast"), (x, c))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -164,7 +164,7 @@ def test_gradients_match_dense_path(kernel):
     g = torch.randn(7, 12, dtype=torch.float64)
     c1 = torch.randn(15, dtype=torch.float64, requires_grad=True)
     c2 = c1.detach().clone().requires_grad_(True)
-    (sparse_spectrum_linear(x, c1, rows, cols, 12, kernel) * g).sum().backward()
+    (sparse_spectrum_linear(x, c1, rows, cols, 12, kernel, path="fast") * g).sum().backward()
     (x @ dense_update(c2, rows, cols, shape, kernel).T * g).sum().backward()
     torch.testing.assert_close(c1.grad, c2.grad, atol=1e-12, rtol=0)
     if kernel == "dht":  # METHODS.md 1.3 closed form: dL/dc = DHT2(g^T x)[u, v] / (M N)
@@ -185,7 +185,7 @@ def test_many_tokens_in_several_passes_match_dense_path(kernel):
     g = torch.randn(1, tokens, 24, dtype=torch.float64)
     c1 = torch.randn(30, dtype=torch.float64, requires_grad=True)
     c2 = c1.detach().clone().requires_grad_(True)
-    y = sparse_spectrum_linear(x1, c1, rows, cols, 24, kernel)
+    y = sparse_spectrum_linear(x1, c1, rows, cols, 24, kernel, path="fast")
     expected = x2 @ dense_update(c2, rows, cols, shape, kernel).T
     assert y.shape == expected.shape == (1, tokens, 24)
     torch.testing.assert_close(y, expected, atol=1e-12, rtol=0)
@@ -193,6 +193,32 @@ def test_many_tokens_in_several_passes_match_dense_path(kernel):
     (expected * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-12, rtol=0)
     torch.testing.assert_close(c1.grad, c2.grad, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_auto_path_is_dense_only_for_tiny_layers_and_agrees(kernel):
+    """path="auto" builds dW only where M N <= DENSE_CROSSOVER (n + M + N); both paths give the same y and gradients."""
+    from megaspec.spectral.sparse import DENSE_CROSSOVER, fast_path_pays
+
+    assert not fast_path_pays((64, 64), 8) and not fast_path_pays((128, 128), 100)
+    assert fast_path_pays((512, 512), 1000) and fast_path_pays((1024, 2048), 750) and fast_path_pays((4096, 4096), 100_000)
+    assert fast_path_pays((256, 256), 100) and not fast_path_pays((256, 256), 1000)
+    assert fast_path_pays((64, 64), 0) == (64 * 64 > DENSE_CROSSOVER * 128)
+    for shape, n in (((16, 24), 10), ((300, 260), 12)):
+        assert fast_path_pays(shape, n) == (shape == (300, 260))
+        rows, cols = random_positions(shape, n, seed=6)
+        x = torch.randn(5, shape[1], dtype=torch.float64)
+        grads = {}
+        for path in ("auto", "fast", "dense"):
+            c = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            y = sparse_spectrum_linear(x, c, rows, cols, shape[0], kernel, path=path)
+            y.square().sum().backward()
+            grads[path] = (y.detach(), c.grad)
+        for path in ("auto", "dense"):
+            torch.testing.assert_close(grads[path][0], grads["fast"][0], atol=1e-10, rtol=0)
+            torch.testing.assert_close(grads[path][1], grads["fast"][1], atol=1e-8, rtol=1e-10)
+    with pytest.raises(ValueError, match="unknown path"):
+        sparse_spectrum_linear(x, c, rows, cols, 300, kernel, path="sparse")
 
 
 def test_fourier_update_matches_peft():
@@ -211,7 +237,7 @@ def test_fourier_update_matches_peft():
     ours = dense_update(coeffs, idx[0], idx[1], (40, 24), "fourier")
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
     x = torch.randn(5, 24)
-    torch.testing.assert_close(sparse_spectrum_linear(x, coeffs, idx[0], idx[1], 40, "fourier"), x @ expected.T, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sparse_spectrum_linear(x, coeffs, idx[0], idx[1], 40, "fourier", path="fast"), x @ expected.T, atol=1e-5, rtol=1e-4)
 
 
 def test_dense_spectrum_scatter():

@@ -1,4 +1,4 @@
-"""Sparse-spectrum linear maps: y = x @ dW.T without ever allocating the M x N update dW.
+"""Sparse-spectrum linear maps: y = x @ dW.T without allocating the M x N update dW (but in tiny layers).
 
 A sparse spectrum holds n real coefficients c_j at (row frequency u_j, column frequency v_j).
 Three kernels are supported (METHODS.md 1.2):
@@ -138,6 +138,19 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         return grad_x, grad_c, None, None, None, None
 
 
+# Below this ratio M N / (n + M + N) materialising dW and multiplying beats the FFT path. Measured
+# on one CPU thread, fwd+bwd, B = 64 and 2048 tokens (BENCHMARKS.md "fast path or dense"): dense
+# wins up to ~62 (64 x 64 and 128 x 128 layers), the FFT path from ~107 (256 x 256 at n <= 100,
+# every layer of 512 x 512 and up). Every LLaMA projection (>= 1024 x 2048) is far above it.
+DENSE_CROSSOVER = 64
+
+
+def fast_path_pays(shape: tuple[int, int], n: int) -> bool:
+    """Whether the FFT path is cheaper than building the M x N update: M N > DENSE_CROSSOVER (n + M + N)."""
+    m, n_in = shape
+    return m * n_in > DENSE_CROSSOVER * (n + m + n_in)
+
+
 def sparse_spectrum_linear(
     x: torch.Tensor,
     coeffs: torch.Tensor,
@@ -145,14 +158,24 @@ def sparse_spectrum_linear(
     cols: torch.Tensor,
     out_features: int,
     kernel: str = "dht",
+    path: str = "auto",
 ) -> torch.Tensor:
     """x @ dW.T for the sparse spectrum (coeffs at rows, cols) of an out_features x N update.
 
     Exact (float64 agrees with the dense path to ~1e-15); differentiable in x and coeffs
     (first order). Transforms run in fp32 for half-precision x; the result has x's dtype.
+    path: "fast" (FFTs, dW never built), "dense" (dW built, then a matmul), or "auto": dense only
+    for layers so small that it is cheaper (fast_path_pays), where dW has at most
+    DENSE_CROSSOVER (n + M + N) elements.
     """
     _check_kernel(kernel)
-    xf = x.to(compute_dtype(x)).reshape(-1, x.shape[-1])
+    if path not in ("auto", "fast", "dense"):
+        raise ValueError(f"unknown path {path!r}; expected 'auto', 'fast' or 'dense'")
+    xf = x.to(compute_dtype(x))
+    shape = (out_features, x.shape[-1])
+    if path == "dense" or (path == "auto" and not fast_path_pays(shape, rows.numel())):
+        return (xf @ dense_update(coeffs.to(xf.dtype), rows, cols, shape, kernel).T).to(x.dtype)
+    xf = xf.reshape(-1, x.shape[-1])
     y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), rows, cols, out_features, kernel)
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
@@ -208,7 +231,7 @@ def dense_spectrum(coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
 def dense_update(
     coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str = "dht"
 ) -> torch.Tensor:
-    """The M x N update by a full 2-D transform (the dense path: reference and benchmark only)."""
+    """The M x N update by a full 2-D transform (the dense path: tiny layers, and the reference)."""
     _check_kernel(kernel)
     s = dense_spectrum(coeffs.to(compute_dtype(coeffs)), rows, cols, shape)
     if kernel == "fourier":
