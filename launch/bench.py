@@ -1,9 +1,10 @@
-"""Benchmarks: `python launch/bench.py <overhead|params|memory|selection|quality|throughput> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|selection|quality|throughput> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
 
     python launch/bench.py overhead --shapes 4096x4096,4096x14336 --tokens 2048
+    python launch/bench.py crossover
     python launch/bench.py params
     python launch/bench.py memory [--validate]
     python launch/bench.py selection
@@ -44,6 +45,13 @@ def overhead(args: argparse.Namespace) -> tuple[Any, str]:
                   "step; on a CPU pass a smaller --tokens", file=sys.stderr)
         rows += bench.run(_shape(shape), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
                           parse_methods(args.methods), synthetic=not args.real_svd)
+    return rows, bench.format_table(rows)
+
+
+def crossover(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import crossover as bench
+
+    rows = bench.run([_shape(s) for s in args.shapes.split(",")], _ints(args.n), _ints(args.tokens), args.reps, args.threads)
     return rows, bench.format_table(rows)
 
 
@@ -116,6 +124,14 @@ def main() -> None:
     p.add_argument("--methods", default=None, help=methods_help)
     p.add_argument("--real-svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
     p.set_defaults(func=overhead)
+
+    p = sub.add_parser("crossover", parents=[common], help="sparse-spectrum forward: FFT path vs building dW, by layer size")
+    p.add_argument("--shapes", default="64x64,128x128,256x256,512x512,1024x1024")
+    p.add_argument("--n", default="8,100,1000", help="comma-separated coefficient counts")
+    p.add_argument("--tokens", default="64,2048", help="comma-separated token counts B")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=crossover)
 
     p = sub.add_parser("params", parents=[common], help="trainable parameters per method at its paper setting (meta device)")
     p.add_argument("--models", default=models)

@@ -65,6 +65,18 @@ def test_overhead_methods_filter_and_bf16():
     assert {r["dtype"] for r in rows} == {"bfloat16"}
 
 
+def test_crossover_cli_times_both_paths():
+    result = bench_cli("crossover", "--shapes", "32x32,300x260", "--n", "8,2000", "--tokens", "16", "--reps", "1", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)["result"]
+    assert [(r["shape"], r["n"]) for r in rows] == [("32x32", 8), ("300x260", 8), ("300x260", 2000)]  # n < M N only
+    for r in rows:
+        m, n_in = (int(v) for v in r["shape"].split("x"))
+        assert r["ratio"] == m * n_in / (r["n"] + m + n_in) and r["fast_ms"] > 0 and r["dense_ms"] > 0
+        assert r["auto"] == ("fast" if r["ratio"] > 64 else "dense")
+        assert r["auto_cost"] == (r["fast_ms"] if r["auto"] == "fast" else r["dense_ms"]) / min(r["fast_ms"], r["dense_ms"])
+
+
 def test_synthetic_svd_has_the_real_shapes():
     a = torch.randn(6, 4, dtype=torch.float64)
     real = torch.linalg.svd(a, full_matrices=False)
@@ -124,6 +136,10 @@ def test_quality_smoke():
     lora = next(r for r in results if r["label"] == "lora r=8")
     ssh_small = next(r for r in results if r["label"].startswith("ssh n=") and "1/100" in r["label"])
     assert lora["trainable"] == 3584 and ssh_small["trainable"] * 100 <= lora["trainable"]
+    curve = [r for r in results if r["label"].startswith("ssh n=")]
+    assert [r["label"].split("(")[1] for r in curve] == ["<= 1/100 LoRA8)", "<= 1/30 LoRA8)", "<= 1/10 LoRA8)", "<= 1/3 LoRA8)", "= LoRA8)"]
+    for r, k in zip(curve, (100, 30, 10, 3, 1), strict=True):
+        assert r["trainable"] * k <= lora["trainable"] < (r["trainable"] + 4) * k  # n per layer floored, 4 layers
     assert all(math.isfinite(r["test_mean"]) and len(r["tests"]) in (1, 2) for r in results)
     assert "test loss mean" in quality.format_table(results)
 
