@@ -70,11 +70,31 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
         say(f"megaspec: error: {str(e).splitlines()[0]}")
+        leave_process_group(wait=False)
         return 2
     except TrainingDiverged as e:
         say(f"megaspec: error: {e}")
+        leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
         return 3
+    leave_process_group(wait=True)
     return 0
+
+
+def leave_process_group(wait: bool) -> None:
+    """Destroy the process group before the interpreter exits.
+
+    Left to interpreter teardown, the gloo group's worker threads are sometimes destroyed while
+    still joinable: the rank then aborts ("terminate called without an active exception", exit
+    -6) after a run that finished, and the launcher reports the job failed. `wait`: barrier first,
+    so no rank tears down a connection a peer's last collective still uses.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def say(line: str) -> None:
