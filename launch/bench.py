@@ -44,7 +44,7 @@ def overhead(args: argparse.Namespace) -> tuple[Any, str]:
             print(f"note: {shape} at {args.tokens} tokens is {4 * m * n * args.tokens / 1e12:.1f} TFLOP per frozen "
                   "step; on a CPU pass a smaller --tokens", file=sys.stderr)
         rows += bench.run(_shape(shape), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
-                          parse_methods(args.methods), synthetic=not args.real_svd)
+                          parse_methods(args.methods), synthetic=not args.real_svd, settle=args.settle)
     return rows, bench.format_table(rows)
 
 
@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--methods", default=None, help=methods_help)
     p.add_argument("--real-svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
+    p.add_argument("--settle", type=int, default=1, help="untimed steps of a variant right before each timed one")
     p.set_defaults(func=overhead)
 
     p = sub.add_parser("crossover", parents=[common], help="sparse-spectrum forward: FFT path vs building dW, by layer size")

@@ -3,7 +3,10 @@
 Every variant sees the same input x (B tokens x N, requires_grad as inside a network), the same
 output gradient and the same frozen weight (one shared tensor, so a 8192 x 28672 layer is held
 once); the reported overhead is time(variant) - time(base). Variants are timed interleaved (one
-step of each, round after round) so that drift on a busy machine hits all of them alike.
+step of each, round after round) so that drift on a busy machine hits all of them alike. Each
+timed step follows `settle` untimed steps of the same variant: on a CPU a step right after another
+variant's pays for that variant's allocator and cache state (after peft FourierFT's dense update,
+up to 0.3 s on a 8192 x 28672 layer), which made the order of the table show in its numbers.
 
 Variants: every registered megaspec method at its setting (SSH n=750 and n=5000 fast and n=750
 through the dense path, FourierFT n=1000, LoRA r=16, low-rank methods at r=8, any other method
@@ -201,6 +204,7 @@ def run(
     dtype: torch.dtype,
     methods: list[str] | None = None,
     synthetic: bool = True,
+    settle: int = 1,
 ) -> list[dict]:
     """Time every variant at one (out, in) shape, interleaved so drift hits all alike; table rows."""
     torch.manual_seed(0)
@@ -220,6 +224,8 @@ def run(
     times: dict[str, list[float]] = {v.name: [] for v in rows}
     for i in range(warmup + reps):
         for v in rows:
+            for _ in range(settle):
+                time_step(v.module, x, grad)
             t = time_step(v.module, x, grad)
             if i >= warmup:
                 times[v.name].append(t)
