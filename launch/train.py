@@ -58,9 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch.distributed as dist
+
     from megaspec.train.loop import TrainConfig, TrainingDiverged, train
     from megaspec.train.validate import validate
 
+    joined_before = dist.is_initialized()  # a caller's group (main(argv) in-process) is the caller's to destroy
     fields = {k: v for k, v in vars(args).items() if k != "local_rank"}
     fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     try:
@@ -70,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
         say(f"megaspec: error: {str(e).splitlines()[0]}")
-        leave_process_group(wait=False)
+        if not joined_before:
+            leave_process_group(wait=False)
         return 2
     except TrainingDiverged as e:
         say(f"megaspec: error: {e}")
-        leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
+        if not joined_before:
+            leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
         return 3
-    leave_process_group(wait=True)
+    if not joined_before:
+        leave_process_group(wait=True)
     return 0
 
 
