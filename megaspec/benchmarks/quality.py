@@ -100,7 +100,6 @@ def lora8_budget(model: nn.Module) -> tuple[int, int]:
 def rows(methods: list[str] | None = None, lrs: tuple[float, ...] | None = None) -> list[Row]:
     """Every row of the experiment: each registered method, peft LoRA and peft FourierFT at the budgets."""
     budget, n_layers = lora8_budget(base_model())
-    small = max(1, budget // 100 // n_layers)
     matched = budget // n_layers
 
     def budgets(method: str) -> list[tuple[int, str]]:
@@ -128,7 +127,7 @@ def rows(methods: list[str] | None = None, lrs: tuple[float, ...] | None = None)
     if wanted("peft_lora"):
         out.append(Row("peft lora r=8", "peft_lora", "", {"r": 8, "lora_alpha": 16}, **grid("low_rank")))
     if wanted("peft_fourierft"):
-        for n, tag in ((small, "<= 1/100 LoRA8"), (matched, "= LoRA8")):
+        for n, tag in budgets("peft_fourierft"):
             out.append(Row(f"peft fourierft n={n} ({tag})", "peft_fourierft", "", {"n_frequency": n}, **grid("peft_fourierft")))
     return out
 
