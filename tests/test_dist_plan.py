@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -136,6 +137,98 @@ def test_plan_adapters_groups_methods():
             assert plan_digest(name, mine[name].plan_state()) == plan_digest(name, alone[name].plan_state())
 
 
+# --- SSH's global top-k without gathering every candidate -----------------------------------
+
+
+def _thread_gather(world: int) -> list:
+    """One all-gather function per fake rank; the ranks are threads that meet at a barrier."""
+    slots: list = [None] * world
+    barrier = threading.Barrier(world)
+
+    def for_rank(rank: int):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    return [for_rank(r) for r in range(world)]
+
+
+def _synthetic_ssh(seed: int, n_coeffs: int, min_per_layer: int) -> tuple[dict, dict]:
+    """Meta SSH adapters of mixed shapes and sorted candidate lists full of tied scores."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 32), (32, 16), (8, 8), (24, 40), (16, 32), (40, 8), (32, 32)]
+    config = AdapterConfig(method="ssh", n_coeffs=n_coeffs, min_per_layer=min_per_layer)
+    adapters, results = {}, {}
+    for i, (m, n) in enumerate(shapes):
+        with torch.device("meta"):
+            base = nn.Linear(n, m, bias=False)
+        name = f"layer{i}"
+        adapters[name] = SSHAdapter(base, config, name, n_layers=len(shapes))
+        k = min(adapters[name].energy_budget(), m * n)
+        scores = torch.randint(0, 6, (k,), generator=g).float() * 0.25  # six values: ties everywhere
+        positions = torch.randperm(m * n, generator=g)[:k]
+        order = torch.argsort(positions)
+        scores, positions = scores[order], positions[order]
+        order = torch.argsort(scores, descending=True, stable=True)
+        results[name] = {"scores": scores[order], "positions": positions[order]}
+    return adapters, results
+
+
+@pytest.mark.parametrize("n_coeffs, min_per_layer", [(40, 3), (40, 40), (60, 1), (5, 0)])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_ssh_two_stage_selection_plans_like_every_candidate(world, n_coeffs, min_per_layer):
+    """Shrinking while planning, then the collective bisection, send just the picks, and combine agrees."""
+    adapters, results = _synthetic_ssh(world * 100 + n_coeffs, n_coeffs, min_per_layer)
+    expected = SSHAdapter.combine(adapters, results)
+    names = list(adapters)
+    owners = assign_layers([math.prod(adapters[n].shape) for n in names], world)
+    budget = adapters[names[0]].energy_budget()
+    floor = min(min_per_layer, budget // len(names))
+    take = budget - floor * len(names)
+    sent: list[dict] = [{} for _ in range(world)]
+    held: list[int] = [0] * world
+
+    def rank_main(rank: int, gather) -> None:
+        local: dict = {}
+        for name in names:
+            if owners[names.index(name)] == rank:
+                local[name] = results[name]
+                local.update(SSHAdapter.shrink_results(adapters, local))
+                pools = sum(max(r["scores"].numel() - floor, 0) for r in local.values())
+                held[rank] = max(held[rank], pools)
+        sent[rank] = SSHAdapter.select_results(adapters, local, gather)
+
+    threads = [threading.Thread(target=rank_main, args=(r, g)) for r, g in enumerate(_thread_gather(world))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    gathered = {name: part[name] for part in sent for name in part}
+    assert sorted(gathered) == sorted(names)
+    plans = SSHAdapter.combine(adapters, gathered)
+    for name in names:
+        for key in expected[name]:
+            assert torch.equal(plans[name][key], expected[name][key]), (world, name, key)
+    # what travels is exactly the picks: every layer's floor plus the global top `take`
+    floors = sum(min(floor, results[n]["scores"].numel()) for n in names)
+    pool = sum(results[n]["scores"].numel() for n in names) - floors
+    assert sum(r["scores"].numel() for r in gathered.values()) == floors + min(pool, take)
+    # and while planning, no rank held more than its floors and `take` pool candidates
+    assert max(held) <= take
+
+
+def test_ssh_selection_names_a_layer_whose_energies_are_not_finite():
+    adapters, results = _synthetic_ssh(0, 40, 3)
+    results["layer2"]["scores"][-1] = float("nan")
+    with pytest.raises(ValueError, match="layer layer2: DHT energies are negative or not finite"):
+        SSHAdapter.shrink_results(adapters, results)
+
+
 def test_plan_digest_sees_every_position():
     plan = {"rows": torch.tensor([0, 3, 5]), "cols": torch.tensor([1, 1, 2])}
     same = {"cols": torch.tensor([1, 1, 2]), "rows": torch.tensor([0, 3, 5])}
@@ -264,6 +357,8 @@ def test_zero3_two_ranks_plan_like_one_process(tmp_path):
             assert out[f"{key}_positions"] == positions, (rank, key)
             assert out[key]["digest"] == summary["digest"], (rank, key)
             assert out[key]["planned_by"] == owners
+            # only the picks travel: 4 layers x 50 x energy ratio 0.5, fp32 score + int64 position each
+            assert out[key]["results_bytes"] == summary["results_bytes"] == 100 * (4 + 8)
             # only the owner computes a layer's plan, on the full weight
             assert out[f"{key}_calls"] == [(n, (sizes[n] // 64, 64)) for n in names if owners[n] == rank]
         # every rank gathers every layer, one at a time: its peak is the largest single layer

@@ -122,6 +122,26 @@ class Adapter(nn.Module):
         return None
 
     @classmethod
+    def shrink_results(cls, adapters: dict[str, Adapter], local: dict[str, Any]) -> dict[str, Any]:
+        """This rank's results less what `combine` can never use, judged from them alone (no collectives).
+
+        Called after every layer this rank plans, so a rank holds O(budget) results, not O(layers x
+        budget). `combine` on the shrunk results must give the same plans as on the full ones.
+        """
+        return local
+
+    @classmethod
+    def select_results(
+        cls, adapters: dict[str, Adapter], local: dict[str, Any], gather: Callable[[Any], list[Any]]
+    ) -> dict[str, Any]:
+        """This rank's results less what `combine` will not use, agreed over all ranks through `gather`.
+
+        A collective: every rank calls it once per adapter class, in layer order, before the results
+        are all-gathered; `gather(obj)` returns every rank's obj. Same contract as `shrink_results`.
+        """
+        return local
+
+    @classmethod
     def combine(cls, adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, Plan]:
         """Per-layer plans from all layers' results; pure and deterministic (runs on every rank)."""
         return {name: adapter.local_plan(results.get(name)) for name, adapter in adapters.items()}

@@ -14,6 +14,11 @@ Choices (METHODS.md 2.2-2.4, all recorded here because the paper body was not re
   highest scores (ties by layer order, then position); the random budget is split over layers in
   proportion to M*N (largest remainder), then drawn per layer without replacement.
   selection="per_layer": every layer gets exactly n_coeffs (the released code's rule).
+  Planned over ranks, the global top scores are found in two stages, so that no rank ever holds
+  or receives every layer's candidates (L x budget, 1.3 GiB for all projections of 70B): each
+  rank keeps only its own top candidates while it plans (`shrink_results`), then the ranks agree
+  on the score of the last pick by bisection over counts and send only what will be picked
+  (`select_results`). Both are exact: combine gives the same plan as on every candidate.
 - init: zeros (delta == 0 at step 0; the gradient at 0 is non-zero because dW is linear in c);
   init="gaussian" gives the code's N(0, 1).
 """
@@ -21,6 +26,7 @@ Choices (METHODS.md 2.2-2.4, all recorded here because the paper body was not re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,7 +60,27 @@ class SSHAdapter(SparseSpectrumAdapter):
     def plan_layer(self, weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """This layer's best energy candidates: no layer can take more than the whole energy budget."""
         scores, positions = dht2_energy_topk(weight, self.energy_budget(), separable=self.config.separable)
-        return {"scores": scores.float(), "positions": positions}
+        # the selection compares fp32 scores: sort by those (a fp64 weight's distinct energies may tie)
+        order = torch.argsort(positions, stable=True)
+        scores, positions = scores.float()[order], positions[order]
+        order = torch.argsort(scores, descending=True, stable=True)
+        return {"scores": scores[order], "positions": positions[order]}
+
+    @classmethod
+    def shrink_results(cls, adapters: dict[str, Adapter], local: dict[str, Any]) -> dict[str, Any]:
+        """Global mode: of this rank's pools keep the top `take`, the most the global ranking can use."""
+        if not local or adapters[next(iter(adapters))].config.selection != "global":
+            return local
+        return _keep_top(adapters, local, lambda obj: [obj], bisect=False)
+
+    @classmethod
+    def select_results(
+        cls, adapters: dict[str, Adapter], local: dict[str, Any], gather: Callable[[Any], list[Any]]
+    ) -> dict[str, Any]:
+        """Global mode: keep exactly the candidates the global ranking picks (collective)."""
+        if adapters[next(iter(adapters))].config.selection != "global":
+            return local
+        return _keep_top(adapters, local, gather, bisect=True)
 
     @classmethod
     def combine(cls, adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, Plan]:
@@ -77,12 +103,18 @@ class SSHAdapter(SparseSpectrumAdapter):
         return plans
 
 
+def _floor_and_take(adapters: dict[str, Adapter]) -> tuple[int, int]:
+    """(floor, take): the top positions every layer keeps, and how many the global ranking adds."""
+    first = adapters[next(iter(adapters))]
+    budget = first.energy_budget()
+    floor = min(first.config.min_per_layer, budget // len(adapters))
+    return floor, max(budget - floor * len(adapters), 0)
+
+
 def _global_energy_positions(adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Per-layer floor, then the global top scores across layers (METHODS.md 2.4)."""
     names = list(adapters)
-    cfg = adapters[names[0]].config
-    budget = adapters[names[0]].energy_budget()
-    floor = min(cfg.min_per_layer, budget // len(names))
+    floor, take = _floor_and_take(adapters)
     chosen = {name: results[name]["positions"][:floor] for name in names}
     pool_scores, pool_layer, pool_pos = [], [], []
     for i, name in enumerate(names):
@@ -91,12 +123,79 @@ def _global_energy_positions(adapters: dict[str, Adapter], results: dict[str, An
         pool_layer.append(np.full(scores.numel(), i, dtype=np.int64))
         pool_pos.append(positions.numpy())
     scores, layer, pos = (np.concatenate(a) for a in (pool_scores, pool_layer, pool_pos))
-    take = max(budget - floor * len(names), 0)
     order = np.lexsort((pos, layer, -scores.astype(np.float64)))[:take]  # score desc, then layer, position
     for i, name in enumerate(names):
         extra = torch.from_numpy(pos[order][layer[order] == i].copy())
         chosen[name] = torch.cat([chosen[name], extra])
     return chosen
+
+
+# --- the global top `take` without gathering every candidate ------------------------------------
+#
+# Each layer's pool (its results past the floor) is sorted the way combine ranks candidates within
+# a layer (fp32 score descending, then position), so what combine picks from a layer is always a
+# prefix of its pool. The top `take` of all pools under combine's order (score descending, then
+# layer, then position) is: every score above the take-th largest score s*, then the ties at s* in
+# layer order. Finding s* and the number of ties each layer gets is all the ranks must agree on.
+# Energies are >= 0, so comparing fp32 bit patterns as integers compares the scores.
+
+_ABOVE_EVERY_FINITE = 0x7F800001  # one above the bits of +inf
+
+
+def _score_keys(scores: torch.Tensor, name: str) -> np.ndarray:
+    """Negated fp32 bit patterns of a descending pool: ascending, so np.searchsorted counts."""
+    values = scores.numpy().astype(np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+    if not np.all(np.isfinite(values) & (values >= 0)):
+        raise ValueError(f"layer {name}: DHT energies are negative or not finite; its weight holds NaN or inf")
+    return -values.view(np.int32).astype(np.int64)
+
+
+def _at_least(keys: np.ndarray, bits: int) -> int:
+    """How many scores of a pool have fp32 bits >= `bits`."""
+    return int(np.searchsorted(keys, -bits, side="right"))
+
+
+def _kth_bits(pools: list[np.ndarray], take: int, gather: Callable[[Any], list[Any]], bisect: bool) -> int | None:
+    """fp32 bits of the take-th largest score of all ranks' pools; None when they hold no more than `take`."""
+    total = sum(gather(sum(len(k) for k in pools)))
+    if total <= take:
+        return None
+    if not bisect:  # this rank alone: one partial sort
+        keys = np.concatenate(pools)
+        return -int(np.partition(keys, take - 1)[take - 1])
+    low, high = 0, _ABOVE_EVERY_FINITE  # at least `take` scores >= low, fewer than `take` >= high
+    while high - low > 1:  # 31 rounds of one integer per rank
+        mid = (low + high) // 2
+        if sum(gather(sum(_at_least(k, mid) for k in pools))) >= take:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _keep_top(
+    adapters: dict[str, Adapter], local: dict[str, Any], gather: Callable[[Any], list[Any]], bisect: bool
+) -> dict[str, Any]:
+    """`local` with each layer's results cut to its floor plus its share of the top `take` of all pools."""
+    floor, take = _floor_and_take(adapters)
+    index = {name: i for i, name in enumerate(adapters)}
+    names = sorted(local, key=index.__getitem__)
+    pools = [_score_keys(local[name]["scores"][floor:], name) for name in names]
+    kth = _kth_bits(pools, take, gather, bisect)
+    if kth is None:
+        return local
+    above = [_at_least(k, kth + 1) for k in pools]
+    ties = {index[name]: _at_least(k, kth) - a for name, k, a in zip(names, pools, above, strict=True)}
+    everyone = gather((sum(above), {i: t for i, t in ties.items() if t}))
+    left = take - sum(count for count, _ in everyone)
+    tie_share = {}
+    for i, count in sorted(item for _, part in everyone for item in part.items()):  # ties in layer order
+        tie_share[i], left = min(count, left), left - min(count, left)
+    out = {}
+    for name, a in zip(names, above, strict=True):
+        keep = floor + a + tie_share.get(index[name], 0)
+        out[name] = {key: value[:keep].clone() for key, value in local[name].items()}  # a view would pickle it all
+    return out
 
 
 def _global_counts(adapters: dict[str, Adapter], energy: dict[str, torch.Tensor]) -> dict[str, int]:

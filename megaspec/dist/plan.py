@@ -1,7 +1,8 @@
 """Plan every adapter collectively: one layer gathered at a time, layers spread over ranks, one agreed plan.
 
 DESIGN.md "Collective steps under ZeRO-3". Every rank runs the same sequence of collectives:
-one gather per partitioned layer (in layer order), one all-gather of the per-layer results, one
+one gather per partitioned layer (in layer order), each adapter class's `select_results` (SSH's
+global selection agrees there on what to send), one all-gather of the per-layer results, one
 all-gather of the plan digests. World size 1 (or torch.distributed not initialised) takes the
 same path with trivial collectives, so it picks the same positions as a multi-rank run.
 """
@@ -25,7 +26,7 @@ def plan_adapters(adapters: dict[str, Adapter]) -> dict[str, Any]:
     """Plan, combine (per adapter class), verify that all ranks agree, then apply the plans."""
     names = list(adapters)
     _check_same_layers(adapters)
-    results, planned_by, peak = _plan_layers(adapters)
+    results, planned_by, peak, gathered = _plan_layers(adapters)
     plans: dict[str, Plan] = {}
     for group in _by_class(adapters).values():
         plans.update(type(next(iter(group.values()))).combine(group, {n: results[n] for n in group}))
@@ -34,16 +35,21 @@ def plan_adapters(adapters: dict[str, Adapter]) -> dict[str, Any]:
     _check_agreement(names, layer_digests, digest)
     for name in names:
         adapters[name].apply_plan(plans[name])
-    return {"layers": len(names), "digest": digest, "planned_by": planned_by, "peak_gathered_numel": peak}
+    return {"layers": len(names), "digest": digest, "planned_by": planned_by, "peak_gathered_numel": peak,
+            "results_bytes": gathered}
 
 
-def _plan_layers(adapters: dict[str, Adapter]) -> tuple[dict[str, Any], dict[str, int | None], int]:
-    """Every layer's plan_layer result on every rank, computed once by its assigned rank."""
+def _plan_layers(adapters: dict[str, Adapter]) -> tuple[dict[str, Any], dict[str, int | None], int, int]:
+    """Every layer's plan_layer result on every rank, computed once by its assigned rank.
+
+    Also returns the tensor bytes of all ranks' results together (what the all-gather delivers).
+    """
     me = rank()
     weighted = [name for name, adapter in adapters.items() if adapter.needs_weight]
     sizes = [math.prod(adapters[n].shape) for n in weighted]
     owners = dict(zip(weighted, assign_layers(sizes, world_size()), strict=True))
     bases = [adapters[n].base for n in weighted]
+    groups = _by_class(adapters)
     local: dict[str, Any] = {}
     peak = 0
     for name in weighted:
@@ -57,14 +63,35 @@ def _plan_layers(adapters: dict[str, Adapter]) -> tuple[dict[str, Any], dict[str
             peak = max(peak, gathered_numel(bases))
             if owners[name] == me:
                 local[name] = to_cpu(adapters[name].plan_layer(dense_weight(base)))
+                group = groups[type(adapters[name])]
+                local.update(type(adapters[name]).shrink_results(group, _mine(local, group)))
+    for cls, group in groups.items():  # collective: the same classes, in the same order, on every rank
+        local.update(cls.select_results(group, _mine(local, group), all_gather_object))
     results: dict[str, Any] = {}
     for part in all_gather_object(local):
         results.update(part)
+    gathered = sum(_tensor_bytes(result) for result in results.values())
     for name, adapter in adapters.items():
         if not adapter.needs_weight:
             results[name] = adapter.plan_layer(None)
     planned_by: dict[str, int | None] = {name: owners.get(name) for name in adapters}
-    return results, planned_by, peak
+    return results, planned_by, peak, gathered
+
+
+def _mine(local: dict[str, Any], group: dict[str, Adapter]) -> dict[str, Any]:
+    """This rank's results of the layers in `group`."""
+    return {name: local[name] for name in group if name in local}
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) result."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
 
 
 def _by_class(adapters: dict[str, Adapter]) -> dict[type, dict[str, Adapter]]:
