@@ -114,9 +114,16 @@ def test_selection_layer_and_combine_tables():
     assert {r["shape"] for r in result["layer"]} == {"128x128", "64x128", "256x128", "128x256"}
     assert all(r["plan_layer_s"] > 0 and r["k"] == math.floor(0.5 * 50 * 14) for r in result["layer"])
     by = {(r["targets"], r["world_size"]): r for r in result["model"]}
-    assert by[("all 7", 1)]["allgather_received"] == 14 * 350 * selection.CANDIDATE_BYTES
+    # only the picks travel (energy ratio 0.5 of 50 x 14 layers), not every layer's top 350
+    assert by[("all 7", 1)]["allgather_received"] == 350 * selection.CANDIDATE_BYTES
+    assert by[("all 7", 1)]["before_received"] == 14 * 350 * selection.CANDIDATE_BYTES
     assert by[("all 7", 2)]["max_rank_s"] <= by[("all 7", 1)]["max_rank_s"]
     assert [r["coefficients"] for r in result["combine"]] == [4 * 50, 14 * 50]
+    qv, every = result["combine"]
+    assert qv["received_bytes"] == math.floor(0.5 * 50 * 4) * selection.CANDIDATE_BYTES
+    assert every["received_bytes"] == 350 * selection.CANDIDATE_BYTES
+    # held while planning: the floors and top `take`, plus the newest layer's 350 before it shrinks
+    assert every["candidates"] == 14 * 350 and every["held"] <= 2 * 350
     assert "plan_layer s" in selection.format_table(result)
 
 

@@ -6,16 +6,19 @@ Three measurements, each in a fresh process (peak RSS is per process; tracemallo
    weight of each distinct LLaMA-3-70B projection shape; peak = VmHWM - VmRSS before planning,
    with the weight already allocated (so "peak extra" is what planning adds to it); for reference,
    the full energy map (dht2_energy) is timed and measured too;
-2. combine: SSHAdapter.combine on synthetic candidates of every layer (the global top-k over all
-   layers and the random draws), as every rank runs it after the all-gather;
+2. global selection on one rank that planned every layer (the worst case): synthetic candidates of
+   each layer go through SSHAdapter.shrink_results as plan_adapters feeds them, then
+   select_results (the collective bisection, trivial on one rank) and combine (the random draws),
+   as every rank runs it after the all-gather of the picks;
 3. ranks: plan_adapters on a small ZeRO-3 model (4 layers of 2048 x 2048) on 1 and 2 CPU ranks
    (gloo), wall time and peak per rank.
 
 Extrapolation to a whole model: layers are spread by megaspec.dist.assign_layers; a rank's planning
 time is the sum of its layers' measured times (max over ranks reported), its peak is its largest
-layer's; every rank receives all candidates: floor(energy_ratio * n * L) per layer, 12 bytes each
-(fp32 score + int64 position), before pickling. Gather time (ZeRO-3 all-gather of each layer) is
-not included: it depends on the network.
+layer's; every rank receives only the picks, floor(energy_ratio * n * L) candidates in all, 12 bytes
+each (fp32 score + int64 position), before pickling; a rank holds at most that many plus one
+layer's top-k while it plans. Agreeing on the picks takes 33 all-gathers of one integer per rank.
+Gather time (ZeRO-3 all-gather of each layer) is not included: it depends on the network.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def _warm_up() -> None:
 
 
 def _combine_worker(shapes: list[tuple[int, int]], n_coeffs: int, energy_ratio: float, threads: int) -> dict[str, Any]:
-    """In a fresh process: SSHAdapter.combine over synthetic sorted candidates of every layer."""
+    """In a fresh process: shrink, select and combine over synthetic sorted candidates of every layer."""
     from megaspec.adapters.ssh import SSHAdapter
 
     torch.set_num_threads(threads)
@@ -132,20 +135,38 @@ def _combine_worker(shapes: list[tuple[int, int]], n_coeffs: int, energy_ratio: 
             base = nn.Linear(n, m, bias=False)
         adapters[f"layer{i}"] = SSHAdapter(base, config, f"layer{i}", n_layers=len(shapes))
     g = torch.Generator().manual_seed(0)
-    results = {}
-    for name, adapter in adapters.items():
-        k = min(adapter.energy_budget(), math.prod(adapter.shape))
-        scores = torch.rand(k, generator=g).sort(descending=True).values
-        results[name] = {"scores": scores, "positions": torch.randint(0, math.prod(adapter.shape), (k,), generator=g)}
-    received = sum(t.numel() * t.element_size() for r in results.values() for t in r.values())
     reset_peak()
     rss = rss_bytes()
+    local: dict[str, Any] = {}
+    produced = held = 0
+    shrink_s = 0.0
+    for name, adapter in adapters.items():  # as plan_adapters: one planned layer at a time
+        total = math.prod(adapter.shape)
+        k = min(adapter.energy_budget(), total)
+        scores = torch.rand(k, generator=g).sort(descending=True).values
+        local[name] = {"scores": scores, "positions": torch.randint(0, total, (k,), generator=g)}
+        produced += k
+        start = time.perf_counter()
+        local.update(SSHAdapter.shrink_results(adapters, local))
+        shrink_s += time.perf_counter() - start
+        held = max(held, sum(r["scores"].numel() for r in local.values()))
     start = time.perf_counter()
-    plans = SSHAdapter.combine(adapters, results)
-    seconds = time.perf_counter() - start
-    return {"layers": len(shapes), "candidates": sum(r["scores"].numel() for r in results.values()),
-            "received_bytes": received, "combine_s": seconds, "peak_extra": peak_bytes() - rss,
+    picks = SSHAdapter.select_results(adapters, local, lambda obj: [obj])
+    plans = SSHAdapter.combine(adapters, picks)
+    combine_s = time.perf_counter() - start
+    return {"layers": len(shapes), "candidates": produced, "held": held,
+            "received_bytes": sum(t.numel() * t.element_size() for r in picks.values() for t in r.values()),
+            "shrink_s": shrink_s, "combine_s": combine_s, "peak_extra": peak_bytes() - rss,
             "coefficients": sum(p["rows"].numel() for p in plans.values())}
+
+
+def picked_candidates(sizes: list[int], n_coeffs: int, energy_ratio: float) -> int:
+    """Candidates all-gathered by the two-stage selection: every layer's floor plus the global top `take`."""
+    k = candidates_per_layer(n_coeffs, energy_ratio, len(sizes))
+    floor = min(AdapterConfig().min_per_layer, k // len(sizes))
+    floors = sum(min(floor, size) for size in sizes)
+    pools = sum(min(k, size) for size in sizes) - floors
+    return floors + min(pools, k - floor * len(sizes))
 
 
 def in_fresh_process(fn: Any, *args: Any) -> dict[str, Any]:
@@ -172,17 +193,16 @@ def extrapolate(layers: list[tuple[str, tuple[int, int]]], measured: dict[str, d
         owners = assign_layers(sizes, world)
         time_per_rank = [0.0] * world
         peak_per_rank = [0] * world
-        sent = [0] * world
-        for key, owner, size in zip(keys, owners, sizes, strict=True):
+        for key, owner in zip(keys, owners, strict=True):
             time_per_rank[owner] += measured[key]["plan_layer_s"]
             peak_per_rank[owner] = max(peak_per_rank[owner], measured[key]["peak_extra"] + measured[key]["weight_bytes"])
-            sent[owner] += min(k, size) * CANDIDATE_BYTES
         biggest = max(measured[key]["fp32_bytes"] for key in set(keys))
         rows.append({
             "layers": len(layers), "world_size": world, "candidates_per_layer": k,
             "max_rank_s": max(time_per_rank), "min_rank_s": min(time_per_rank),
             "peak_per_rank": max(peak_per_rank), "peak_over_layer_fp32": max(peak_per_rank) / biggest,
-            "allgather_received": sum(sent), "max_rank_sent": max(sent),
+            "allgather_received": picked_candidates(sizes, n_coeffs, energy_ratio) * CANDIDATE_BYTES,
+            "before_received": sum(min(k, size) for size in sizes) * CANDIDATE_BYTES,
         })
     return rows
 
@@ -302,12 +322,12 @@ MODEL_COLUMNS = [
     ("model", "model", ""), ("targets", "targets", ""), ("layers", "L", "d"), ("world_size", "ranks", "d"),
     ("candidates_per_layer", "cand./layer", ",d"), ("max_rank_s", "max rank s", ".1f"), ("min_rank_s", "min rank s", ".1f"),
     ("peak_per_rank", "peak/rank", "bytes"), ("peak_over_layer_fp32", "/ largest fp32 layer", ".2f"),
-    ("allgather_received", "all-gather recv/rank", "bytes"), ("max_rank_sent", "max sent/rank", "bytes"),
+    ("allgather_received", "picks all-gathered", "bytes"), ("before_received", "every top-k (before)", "bytes"),
 ]
 COMBINE_COLUMNS = [
     ("model", "model", ""), ("targets", "targets", ""), ("layers", "L", "d"), ("candidates", "candidates", ",d"),
-    ("received_bytes", "candidate bytes", "bytes"), ("combine_s", "combine s", ".2f"), ("peak_extra", "combine peak extra", "bytes"),
-    ("coefficients", "coefficients", ",d"),
+    ("held", "most held", ",d"), ("received_bytes", "picks all-gathered", "bytes"), ("shrink_s", "shrink s", ".2f"),
+    ("combine_s", "select + combine s", ".2f"), ("peak_extra", "peak extra", "bytes"), ("coefficients", "coefficients", ",d"),
 ]
 RANK_COLUMNS = [
     ("layers", "model", ""), ("world_size", "ranks", "d"), ("rank", "rank", "d"), ("planned_here", "layers planned", "d"),
@@ -320,7 +340,7 @@ def format_table(result: dict[str, list[dict[str, Any]]]) -> str:
     """The four tables, titled."""
     parts = [("one layer, fresh process each", result["layer"], LAYER_COLUMNS),
              ("whole model, extrapolated (assign_layers; time = max rank load)", result["model"], MODEL_COLUMNS),
-             ("combine step on every rank (synthetic candidates)", result["combine"], COMBINE_COLUMNS),
+             ("global selection, one rank planning every layer (synthetic candidates)", result["combine"], COMBINE_COLUMNS),
              ("plan_adapters under ZeRO-3, CPU ranks (gloo)", result["ranks"], RANK_COLUMNS)]
     out = []
     for title, rows, columns in parts:
