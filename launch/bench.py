@@ -34,17 +34,25 @@ def _shape(text: str) -> tuple[int, int]:
     return m, n
 
 
+def _modes(text: str) -> str:
+    modes = text.split(",")
+    if not modes or set(modes) - {"full", "branch"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: use full, branch or full,branch")
+    return text
+
+
 def overhead(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import overhead as bench
 
     rows = []
     for shape in args.shapes.split(","):
         m, n = _shape(shape)
-        if args.device == "cpu" and 4 * m * n * args.tokens > 1e12:
+        if args.device == "cpu" and "full" in args.modes and 4 * m * n * args.tokens > 1e12:
             print(f"note: {shape} at {args.tokens} tokens is {4 * m * n * args.tokens / 1e12:.1f} TFLOP per frozen "
                   "step; on a CPU pass a smaller --tokens", file=sys.stderr)
         rows += bench.run(_shape(shape), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
-                          parse_methods(args.methods), synthetic=not args.real_svd, settle=args.settle)
+                          parse_methods(args.methods), synthetic=not args.real_svd, settle=args.settle,
+                          modes=tuple(args.modes.split(",")))
     return rows, bench.format_table(rows)
 
 
@@ -124,6 +132,8 @@ def main() -> None:
     p.add_argument("--methods", default=None, help=methods_help)
     p.add_argument("--real-svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
     p.add_argument("--settle", type=int, default=1, help="untimed steps of a variant right before each timed one")
+    p.add_argument("--modes", default="full,branch", type=_modes,
+                   help="full (frozen matmul + adapter), branch (the adapter alone: frozen matmul swapped for zeros), or both")
     p.set_defaults(func=overhead)
 
     p = sub.add_parser("crossover", parents=[common], help="sparse-spectrum forward: FFT path vs building dW, by layer size")

@@ -56,7 +56,34 @@ def test_overhead_rows_on_a_small_layer():
         assert expected in names
     assert {r["method"] for r in rows} >= set(ADAPTERS)  # every registered method got a row
     assert rows[0]["ratio_to_base"] == 1.0 and all(r["median_ms"] > 0 for r in rows)
-    assert "ovh / peft LoRA16 ovh" in overhead.format_table(rows)
+    assert rows[0]["branch_overhead_ms"] == 0.0 and all(r["branch_median_ms"] > 0 for r in rows)
+    assert "ovh / peft LoRA16 ovh" in overhead.format_table(rows) and "branch ovh ms" in overhead.format_table(rows)
+
+
+def test_branch_only_takes_out_the_frozen_matmul_and_puts_it_back():
+    """In branch mode a variant computes exactly its adapter's share of the output and of the input gradient."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 16, bias=False).requires_grad_(False)
+    x = torch.randn(5, 24, requires_grad=True)
+    for v in overhead.variants(base, ["ssh", "lora", "smoa", "peft_lora", "peft_fourierft"]):
+        full = v.module(x)
+        with overhead.branch_only(v.module, base.weight) as branch:
+            branch_out = branch(x)
+        torch.testing.assert_close(branch_out, full - base(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.module(x), full)  # the frozen linear is back
+        if v.method == "base":
+            assert torch.count_nonzero(branch_out) == 0
+        else:
+            assert torch.count_nonzero(branch_out) > 0  # the adapters are non-zero
+
+
+def test_overhead_branch_mode_alone():
+    rows = overhead.run((64, 128), tokens=8, reps=1, warmup=0, device="cpu", dtype=torch.float32,
+                        methods=["ssh"], modes=("branch",))
+    assert all("median_ms" not in r and r["branch_median_ms"] > 0 for r in rows)
+    assert "branch ovh ms" in overhead.format_table(rows) and "x base" not in overhead.format_table(rows)
+    result = bench_cli("overhead", "--modes", "branch,nope")
+    assert result.returncode == 2 and "use full, branch or full,branch" in result.stderr
 
 
 def test_overhead_methods_filter_and_bf16():

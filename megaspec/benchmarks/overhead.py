@@ -2,7 +2,14 @@
 
 Every variant sees the same input x (B tokens x N, requires_grad as inside a network), the same
 output gradient and the same frozen weight (one shared tensor, so a 8192 x 28672 layer is held
-once); the reported overhead is time(variant) - time(base). Variants are timed interleaved (one
+once); the reported overhead is time(variant) - time(base).
+
+The frozen matmul dominates a step (on a CPU, +-300 ms of noise on a 3 s step at 4096 x 14336), so
+an adapter's overhead can drown in it. The branch columns time the same modules with every frozen
+linear replaced by a stand-in that returns zeros (`ZeroBase`): what is left is the adapter's own
+forward and backward plus the add of its output, i.e. the overhead itself, measured directly. Its
+reference is the stand-in alone (a B x M zero fill). `modes` picks "full", "branch" or both; the
+branch alone makes B = 2048 affordable at 8192 x 28672 on a CPU. Variants are timed interleaved (one
 step of each, round after round) so that drift on a busy machine hits all of them alike. Each
 timed step follows `settle` untimed steps of the same variant: on a CPU a step right after another
 variant's pays for that variant's allocator and cache state (after peft FourierFT's dense update,
@@ -67,6 +74,43 @@ class DenseSSH(nn.Module):
         a = self.adapter
         dw = dense_update(a.coeffs * a.scale, a.rows, a.cols, a.shape, a.kernel)
         return a.base(x) + x @ dw.to(x.dtype).T
+
+
+class ZeroBase(nn.Module):
+    """A frozen linear without its matmul: the same weight, sizes and hooks, output zeros (for branch timing)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # adapters may hook the base (SMoA takes its anchors in a forward hook, while ZeRO-3 has W0 gathered)
+        for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                      "_forward_hooks_always_called"):
+            getattr(self, hooks).update(getattr(linear, hooks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+@contextlib.contextmanager
+def branch_only(module: nn.Module, weight: torch.Tensor) -> Iterator[nn.Module]:
+    """`module` with each frozen nn.Linear holding `weight` swapped for a ZeroBase inside the block."""
+    if isinstance(module, nn.Linear) and module.weight is weight:
+        yield ZeroBase(module)
+        return
+    swaps = [
+        (parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight is weight
+    ]
+    if not swaps:
+        raise RuntimeError(f"no frozen linear to take out of {type(module).__name__}")
+    for parent, name, child in swaps:
+        setattr(parent, name, ZeroBase(child))
+    try:
+        yield module
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
 
 
 def overhead_settings(methods: list[str] | None = None) -> list[Setting]:
@@ -189,7 +233,9 @@ def time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     if x.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    module(x).backward(grad)
+    out = module(x)
+    if out.requires_grad:  # not so for the branch reference (ZeroBase alone): a zero fill, nothing to differentiate
+        out.backward(grad)
     if x.is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -205,8 +251,11 @@ def run(
     methods: list[str] | None = None,
     synthetic: bool = True,
     settle: int = 1,
+    modes: tuple[str, ...] = ("full", "branch"),
 ) -> list[dict]:
     """Time every variant at one (out, in) shape, interleaved so drift hits all alike; table rows."""
+    if not modes or set(modes) - {"full", "branch"}:
+        raise ValueError(f"modes={modes!r}; use 'full', 'branch' or both")
     torch.manual_seed(0)
     m, n = shape
     base = nn.Linear(n, m, bias=False, device=device, dtype=dtype).requires_grad_(False)
@@ -221,27 +270,35 @@ def run(
             print(f"skipped {v.name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         rows.append(v)
-    times: dict[str, list[float]] = {v.name: [] for v in rows}
+    times: dict[tuple[str, str], list[float]] = {(v.name, mode): [] for v in rows for mode in modes}
     for i in range(warmup + reps):
         for v in rows:
-            for _ in range(settle):
-                time_step(v.module, x, grad)
-            t = time_step(v.module, x, grad)
-            if i >= warmup:
-                times[v.name].append(t)
+            for mode in modes:
+                with (branch_only(v.module, base.weight) if mode == "branch" else contextlib.nullcontext(v.module)) as module:
+                    for _ in range(settle):
+                        time_step(module, x, grad)
+                    t = time_step(module, x, grad)
+                if i >= warmup:
+                    times[(v.name, mode)].append(t)
     table = [
         {"shape": f"{m}x{n}", "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "variant": v.name,
-         "method": v.method, "trainable": v.trainable,
-         "median_ms": 1e3 * statistics.median(times[v.name]), "min_ms": 1e3 * min(times[v.name])}
+         "method": v.method, "trainable": v.trainable}
         for v in rows
     ]
-    base_ms = table[0]["median_ms"]
-    reference = next((r for r in table if r["variant"] == REFERENCE), None)
-    lora_over = reference["median_ms"] - base_ms if reference else float("nan")
-    for r in table:
-        r["overhead_ms"] = r["median_ms"] - base_ms
-        r["ratio_to_base"] = r["median_ms"] / base_ms
-        r["overhead_vs_peft_lora16"] = r["overhead_ms"] / lora_over if lora_over > 0 else float("nan")
+    for mode, prefix in (("full", ""), ("branch", "branch_")):
+        if mode not in modes:
+            continue
+        for r in table:
+            r[f"{prefix}median_ms"] = 1e3 * statistics.median(times[(r["variant"], mode)])
+            r[f"{prefix}min_ms"] = 1e3 * min(times[(r["variant"], mode)])
+        base_ms = table[0][f"{prefix}median_ms"]
+        reference = next((r for r in table if r["variant"] == REFERENCE), None)
+        lora_over = reference[f"{prefix}median_ms"] - base_ms if reference else float("nan")
+        for r in table:
+            r[f"{prefix}overhead_ms"] = r[f"{prefix}median_ms"] - base_ms
+            r[f"{prefix}overhead_vs_peft_lora16"] = r[f"{prefix}overhead_ms"] / lora_over if lora_over > 0 else float("nan")
+            if mode == "full":
+                r["ratio_to_base"] = r["median_ms"] / base_ms
     return table
 
 
@@ -249,9 +306,11 @@ COLUMNS = [
     ("shape", "shape", ""), ("tokens", "B", "d"), ("variant", "variant", ""), ("trainable", "trainable", ",d"),
     ("median_ms", "median ms", ".2f"), ("min_ms", "min ms", ".2f"), ("overhead_ms", "overhead ms", "+.2f"),
     ("ratio_to_base", "x base", ".3f"), ("overhead_vs_peft_lora16", "ovh / peft LoRA16 ovh", ".2f"),
+    ("branch_median_ms", "branch ms", ".2f"), ("branch_overhead_ms", "branch ovh ms", "+.2f"),
+    ("branch_overhead_vs_peft_lora16", "branch ovh / peft LoRA16", ".2f"),
 ]
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table for stdout."""
-    return table(rows, COLUMNS)
+    """A fixed-width table for stdout (columns of a mode that did not run are left out)."""
+    return table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)])
