@@ -9,7 +9,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py memory [--validate]
     python launch/bench.py selection
     python launch/bench.py quality
-    python launch/bench.py throughput --layers 4          # CUDA only
+    python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
 """
 
 from __future__ import annotations
@@ -18,11 +18,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from megaspec.benchmarks.common import LLAMA_CONFIGS, machine, parse_methods, table
+from megaspec.train.dsconfig import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -101,6 +105,11 @@ def quality(args: argparse.Namespace) -> tuple[Any, str]:
 def throughput(args: argparse.Namespace) -> tuple[Any, str] | None:
     from megaspec.benchmarks import throughput as bench
 
+    ds_config = None
+    if args.engine == "deepspeed":  # read first: a bad config is reported on any machine
+        from megaspec.train.dsconfig import read_ds_config
+
+        ds_config = read_ds_config(args.ds_config)
     if not torch.cuda.is_available():
         print(bench.NO_CUDA)
         return None
@@ -110,7 +119,7 @@ def throughput(args: argparse.Namespace) -> tuple[Any, str] | None:
 
         settings = [bench.FROZEN, *paper_settings(parse_methods(args.methods))]
     rows = bench.run(args.layers, args.batch, args.seq_len, args.steps, args.warmup, "cuda", getattr(torch, args.dtype),
-                     settings, args.peak_tflops)
+                     settings, args.peak_tflops, ds_config=ds_config)
     return rows, bench.format_table(rows)
 
 
@@ -190,13 +199,20 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--methods", default=None, help="registered methods at their paper settings (default ssh, lora r=16)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of the GPU (default: by name)")
+    p.add_argument("--engine", default="deepspeed", choices=["deepspeed", "plain"],
+                   help="deepspeed: the trainer's ZeRO-3 engine on one rank (default); plain: PyTorch and AdamW alone")
+    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"), help="DeepSpeed config of --engine deepspeed")
     p.set_defaults(func=throughput)
 
     args = parser.parse_args()
     header = machine()
     print(f"# {header}", file=sys.stderr)
     date = time.strftime("%Y-%m-%d")
-    out = args.func(args)
+    try:
+        out = args.func(args)
+    except ConfigError as err:  # bad input: one line naming the problem and the fix
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if out is None:
         return
     result, text = out

@@ -192,3 +192,27 @@ def test_throughput_runs_on_cpu_for_a_tiny_model():
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["flops_per_token_6N"] > r["flops_per_token_4N"] > 0
     assert "MFU 4N" in throughput.format_table(rows)
+
+
+def test_throughput_in_the_trainers_zero3_engine_on_cpu():
+    """zero.Init + a ZeRO-3 engine (AdamW on the adapters) times, and counts N like plain PyTorch."""
+    from megaspec.train.dsconfig import read_ds_config
+
+    kwargs = dict(layers=2, batch=1, seq_len=16, steps=2, warmup=1, device="cpu", dtype=torch.float32, peak_tflops=1.0,
+                  **{**TINY, "num_hidden_layers": 3})
+    plain = throughput.run(**kwargs)
+    zero3 = throughput.run(**kwargs, ds_config=read_ds_config(REPO / "ds_configs" / "zero3.json"))
+    assert [r["engine"] for r in zero3] == ["zero3"] * 3 and [r["engine"] for r in plain] == ["plain"] * 3
+    # q, v of 2 layers: SSH 750 each (global budget); LoRA r=16 on q 128x128 and v 64x128
+    assert [r["trainable"] for r in plain] == [0, 750 * 4, 2 * 16 * (256 + 192)]
+    # the engine's frozen row trains the final norm (128) so that it runs the same engine step
+    assert [r["trainable"] for r in zero3] == [128, 750 * 4, 2 * 16 * (256 + 192)]
+    for p, z in zip(plain, zero3, strict=True):
+        assert z["setting"] == p["setting"] and z["tokens_per_s"] > 0
+        assert z["flops_per_token_6N"] == p["flops_per_token_6N"]  # N counted through ZeRO-3's empty local tensors
+
+
+def test_throughput_reports_a_bad_ds_config_in_one_line(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    result = bench_cli("throughput", "--ds_config", str(tmp_path / "bad.json"))
+    assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr

@@ -1,7 +1,11 @@
 """Training throughput and MFU of a LLaMA-3.1-8B-shaped model on one GPU: frozen only vs SSH vs LoRA.
 
 Random bf16 weights are built on the device (nothing is downloaded); a step is forward + loss +
-backward (+ AdamW on the adapter parameters), plain PyTorch, inputs of random tokens. The frozen
+backward (+ AdamW on the adapter parameters), inputs of random tokens. By default the step is the
+trainer's own: the model is built under deepspeed.zero.Init and run by a DeepSpeed ZeRO-3 engine on
+one rank (`engine="deepspeed"`, the run's ds_config with its micro batch set to `batch`), so the
+numbers include ZeRO-3's parameter fetch hooks and gradient bucketing; `engine="plain"` times the
+same model in plain PyTorch (torch.optim.AdamW), the lower bound of what the engine adds. The frozen
 row trains nothing but still back-propagates to the input embeddings (enable_input_require_grads,
 as every adapter row does too), so the three rows do the same frozen work.
 
@@ -19,6 +23,7 @@ marginal cost (t_k - t_1) / (k - 1) extrapolates the full depth: t_32 = t_1 + 31
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -76,6 +81,58 @@ def build(config: Any, setting: Setting, device: torch.device, dtype: torch.dtyp
     return model.train()
 
 
+def zero3_config(ds_config: dict[str, Any], batch: int, dtype: torch.dtype, hidden_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed config for one rank: "auto" resolved, micro batch `batch`, bf16 iff dtype is bf16."""
+    from megaspec.train.dsconfig import resolve_ds_config
+
+    cfg = resolve_ds_config(ds_config, lr=1e-5, max_steps=1000, warmup_steps=1, hidden_size=hidden_size)
+    cfg.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
+    cfg.pop("train_batch_size", None)
+    cfg["bf16"] = {"enabled": dtype == torch.bfloat16}
+    cfg.pop("fp16", None)
+    return cfg
+
+
+def build_zero3(config: Any, setting: Setting, dtype: torch.dtype, ds_config: dict[str, Any]) -> Any:
+    """A random-weight LLaMA partitioned by zero.Init, adapted by `setting`, inside a ZeRO-3 engine.
+
+    A ZeRO-3 engine cannot back-propagate without an optimizer (DeepSpeed 0.19.8's backward hook needs
+    one), so the frozen-only row trains the final RMSNorm weight alone (hidden_size parameters): the
+    same engine step as the adapter rows, with nothing of an adapter in it.
+    """
+    import deepspeed
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from megaspec.model import apply_adapters
+    from megaspec.train.loop import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers builds under zero.Init while it lives)
+    model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    if setting.method:
+        apply_adapters(model, setting.config(), calibration=_calibration(config, setting, model))
+    else:
+        model.model.norm.weight.requires_grad_(True)
+    model.enable_input_require_grads()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine.train()  # DeepSpeedEngine.train returns None
+    return engine
+
+
+def _calibration(config: Any, setting: Setting, model: nn.Module) -> list[dict[str, torch.Tensor]] | None:
+    """One batch of random tokens for methods planned on activations (S2FT), else None."""
+    from megaspec.adapters import adapter_class
+
+    if not getattr(adapter_class(setting.method), "needs_calibration", False):
+        return None
+    return [random_batch(config, 1, 128, next(model.parameters()).device)]
+
+
 def random_batch(config: Any, batch: int, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Random token ids as inputs and labels."""
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
@@ -90,7 +147,7 @@ def matmul_params(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, nn.Linear) and not isinstance(module, Adapter) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            total += module.weight.numel()
+            total += int(getattr(module.weight, "ds_numel", module.weight.numel()))  # ZeRO-3 empties the local tensor
     return total
 
 
@@ -100,17 +157,23 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> tuple[float, float | None]:
-    """(median seconds per training step, peak allocated bytes or None off CUDA)."""
+    """(median seconds per training step, peak allocated bytes or None off CUDA); `model` may be a DeepSpeed engine."""
     device = batch["input_ids"].device
+    engine = model if hasattr(model, "backward") and hasattr(model, "step") else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    opt = torch.optim.AdamW(params, lr=1e-5) if params and engine is None else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        model(**batch).loss.backward()
+        loss = model(**batch).loss
+        if engine is not None:
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -132,9 +195,14 @@ def run(
     settings: list[Setting] | None = None,
     peak_tflops: float | None = None,
     model: str = "llama-3.1-8b",
+    ds_config: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """One row per setting: tokens/s, step time, MFU under both FLOP conventions (module docstring)."""
+    """One row per setting: tokens/s, step time, MFU under both FLOP conventions (module docstring).
+
+    With `ds_config` (a DeepSpeed config, "auto" allowed) each row runs in a ZeRO-3 engine on one
+    rank; without it, in plain PyTorch.
+    """
     dev = torch.device(device)
     full = llama_config(model, **overrides)
     depth = layers or full.num_hidden_layers
@@ -149,14 +217,21 @@ def run(
         measured = {}
         for k in sorted({1, depth} if depth < full.num_hidden_layers else {depth}):
             config = llama_config(model, **{**overrides, "num_hidden_layers": k})
-            net = build(config, setting, dev, dtype)
+            if ds_config is None:
+                net = build(config, setting, dev, dtype)
+            else:
+                net = build_zero3(config, setting, dtype, zero3_config(ds_config, batch, dtype, config.hidden_size))
             n_full = matmul_params(net) if k == depth else None
+            trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in net.parameters() if p.requires_grad)
             step, mem = time_steps(net, random_batch(config, batch, seq_len, dev), steps, warmup)
-            measured[k] = (step, mem, n_full)
+            measured[k] = (step, mem, n_full, trainable)
+            if hasattr(net, "destroy"):  # a DeepSpeed engine: drop its hooks and buffers before the next row
+                net.destroy()
             del net
+            gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        step, mem, n_matmul = measured[depth]
+        step, mem, n_matmul, trainable = measured[depth]
         per_layer = (step - measured[1][0]) / (depth - 1) if depth > 1 and 1 in measured else step / depth
         if depth < full.num_hidden_layers:
             full_step = measured[1][0] + (full.num_hidden_layers - 1) * per_layer
@@ -166,7 +241,8 @@ def run(
             full_step, n_full = step, n_matmul
         attention = 12 * full.num_hidden_layers * seq_len * q_dim
         row = {
-            "setting": setting.label, "layers": depth, "tokens": tokens, "step_s": step, "tokens_per_s": tokens / step,
+            "setting": setting.label, "engine": "plain" if ds_config is None else "zero3", "layers": depth,
+            "trainable": trainable, "tokens": tokens, "step_s": step, "tokens_per_s": tokens / step,
             "per_layer_ms": 1e3 * per_layer, "peak_mem": mem, "full_depth": full.num_hidden_layers,
             "full_step_s": full_step, "full_tokens_per_s": tokens / full_step, "matmul_params_full": n_full,
             "flops_per_token_6N": 6 * n_full + attention, "flops_per_token_4N": 4 * n_full + attention,
@@ -183,7 +259,7 @@ def _head_params(config: Any) -> int:
 
 
 COLUMNS = [
-    ("setting", "setting", ""), ("layers", "layers run", "d"), ("tokens", "tokens/step", ",d"),
+    ("setting", "setting", ""), ("engine", "engine", ""), ("trainable", "trainable (layers run)", ",d"), ("layers", "layers run", "d"), ("tokens", "tokens/step", ",d"),
     ("step_s", "step s", ".3f"), ("tokens_per_s", "tok/s (layers run)", ",.0f"), ("per_layer_ms", "ms/layer", ".2f"),
     ("peak_mem", "peak mem", "bytes"), ("full_tokens_per_s", "tok/s (full depth)", ",.0f"),
     ("mfu_6N", "MFU 6N", ".1%"), ("mfu_4N", "MFU 4N (frozen)", ".1%"),
