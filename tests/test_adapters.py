@@ -89,6 +89,49 @@ def test_adapter_lifecycle(key, path, tiny_model, tmp_path, monkeypatch):
         torch.testing.assert_close(fresh(ids).logits, adapted, atol=1e-5, rtol=0)
 
 
+def test_spectrum_index_is_built_once_per_plan_and_follows_plan_changes(tiny_model, monkeypatch):
+    """The fast path's index tensors are built once per layer, not per step, and rebuilt when the plan buffers change."""
+    import megaspec.adapters.sparse_spectrum as sparse_spectrum
+
+    monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)
+    builds = []
+    build = sparse_spectrum.spectrum_index
+    monkeypatch.setattr(sparse_spectrum, "spectrum_index", lambda *a, **k: builds.append(a[2]) or build(*a, **k))
+    apply_adapters(tiny_model, CONFIGS["ssh"])
+    train(tiny_model, batch(), steps=3)
+    assert len(builds) == len(adapters_of(tiny_model)) == 8
+
+    adapter = next(iter(adapters_of(tiny_model).values()))
+    x = torch.randn(5, adapter.in_features)
+    first = adapter.spectrum_index(torch.float32)
+    assert adapter.spectrum_index(torch.float32) is first
+    with torch.no_grad():  # a new plan copied into the buffers in place (as set_plan and load_state_dict do)
+        adapter.rows.copy_((adapter.rows + 1) % adapter.out_features)
+        adapter.cols.copy_(adapter.cols.flip(0))
+        got = adapter.delta(x)
+    assert adapter.spectrum_index(torch.float32) is not first and len(builds) == 9
+    torch.testing.assert_close(got, x @ adapter.delta_weight().T, atol=1e-6, rtol=1e-5)
+    x64 = x.double()
+    with torch.no_grad():
+        got64 = adapter.delta(x64)
+    assert adapter.spectrum_index(torch.float64).mix.dtype == torch.float64 and len(builds) == 10
+    torch.testing.assert_close(got64, x64 @ adapter.delta_weight().double().T, atol=1e-6, rtol=1e-5)
+
+
+def test_a_spectrum_index_for_another_layer_is_refused():
+    """Passing an index built for another shape, kernel or dtype fails in one line instead of computing garbage."""
+    from megaspec.spectral.sparse import sparse_spectrum_linear, spectrum_index
+
+    rows, cols = torch.tensor([1, 5, 9]), torch.tensor([0, 3, 7])
+    x, c = torch.randn(4, 16), torch.randn(3)
+    for index in (spectrum_index(rows, cols, (12, 16), "dht"), spectrum_index(rows, cols, (10, 16), "fourier"),
+                  spectrum_index(rows, cols, (10, 16), "dht", torch.float64)):
+        with pytest.raises(ValueError, match="rebuild it with spectrum_index"):
+            sparse_spectrum_linear(x, c, rows, cols, 10, "dht", path="fast", index=index)
+    ok = sparse_spectrum_linear(x, c, rows, cols, 10, "dht", path="fast", index=spectrum_index(rows, cols, (10, 16), "dht"))
+    torch.testing.assert_close(ok, sparse_spectrum_linear(x, c, rows, cols, 10, "dht", path="dense"), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("key", ["ssh", "ssh_per_layer"])
 def test_learned_update_lives_on_planned_positions(key, tiny_model):
     """DHT2(dW) = scale * S: non-zero exactly at the planned positions, nowhere else."""

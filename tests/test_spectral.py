@@ -271,3 +271,14 @@ def test_energy_topk_matches_full_energy(shape, separable):
     torch.testing.assert_close(scores, torch.sort(energy, descending=True).values, atol=1e-12, rtol=0)
     top3 = dht2_energy_topk(w, 3, separable)[1]
     assert top3.tolist() == positions[:3].tolist()
+
+
+def test_no_tokens_give_empty_outputs_and_zero_coefficient_gradients():
+    """A batch with no tokens (an empty micro-batch shard) runs through the fast path: empty y and dL/dx, zero dL/dc."""
+    rows, cols = random_positions((32, 64), 3, seed=1)
+    x = torch.randn(2, 0, 64, requires_grad=True)
+    c = torch.randn(3, requires_grad=True)
+    y = sparse_spectrum_linear(x, c, rows, cols, 32, path="fast")
+    assert y.shape == (2, 0, 32)
+    y.sum().backward()
+    assert x.grad.shape == (2, 0, 64) and torch.equal(c.grad, torch.zeros(3))

@@ -214,7 +214,8 @@ class S2FTAdapter(SparseSpectrumAdapter):
     # --- compute --------------------------------------------------------------------------
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         coeffs = self.coeffs * self.scale
-        latent = sparse_spectrum_linear(x.index_select(-1, self.col_perm), coeffs, self.rows, self.cols, self.out_features, self.kernel)
+        latent = sparse_spectrum_linear(x.index_select(-1, self.col_perm), coeffs, self.rows, self.cols, self.out_features, self.kernel,
+                                        index=self.spectrum_index(compute_dtype(x)))
         return latent.index_select(-1, self.inv_row_perm)
 
     def delta_weight(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:

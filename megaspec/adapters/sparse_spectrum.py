@@ -7,6 +7,8 @@ import torch
 
 from megaspec.adapters.base import Adapter, Plan, layer_generator, ortho_scale
 from megaspec.spectral import sparse_spectrum_linear, sparse_spectrum_rows
+from megaspec.spectral.sparse import SpectrumIndex, spectrum_index
+from megaspec.spectral.transforms import compute_dtype
 
 
 def sample_positions(total: int, count: int, exclude: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -63,9 +65,19 @@ class SparseSpectrumAdapter(Adapter):
         self.coeffs = self.new_parameter(make, (n,))
         self.scale = ortho_scale(self.config.scale, self.shape)
 
+    def spectrum_index(self, dtype: torch.dtype) -> SpectrumIndex:
+        """The fast path's index tensors for this plan, rebuilt only when rows/cols change (new plan, load, move)."""
+        key = (self.rows, self.cols, self.rows._version, self.cols._version, self.rows.data_ptr(), self.cols.data_ptr(), dtype)
+        cached = self.__dict__.get("_spectrum_index")  # a plain attribute: not a buffer, never saved or moved
+        if cached is None or any(a is not b if isinstance(a, torch.Tensor) else a != b for a, b in zip(cached[0], key, strict=True)):
+            cached = (key, spectrum_index(self.rows, self.cols, self.shape, self.kernel, dtype))
+            self.__dict__["_spectrum_index"] = cached
+        return cached[1]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         coeffs = self.coeffs * self.scale
-        return sparse_spectrum_linear(x, coeffs, self.rows, self.cols, self.out_features, self.kernel)
+        return sparse_spectrum_linear(x, coeffs, self.rows, self.cols, self.out_features, self.kernel,
+                                      index=self.spectrum_index(compute_dtype(x)))
 
     def delta_weight(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:
         coeffs = self.coeffs.detach().float() * self.scale

@@ -14,6 +14,7 @@ of n columns, a scatter of n rows and one inverse real FFT: O(B (M + N) log) per
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -32,39 +33,29 @@ def _check_kernel(kernel: str) -> None:
 #   dht:           p + iq = H[v] - i H[-v],  H[v] = re - im, H[-v] = re + im
 #   fourier:       p + iq = conj(F[v])
 #   dht_separable: p + iq = H[v] (1 - i)     (cas(theta) = Re((1 - i) e^{i theta}))
-def _mix(re: torch.Tensor, im: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if kernel == "fourier":
-        return re, -im
-    h = re - im
-    return h, (-h if kernel == "dht_separable" else -(re + im))
+# As a matrix on the last axis: (p, q) = (re, im) @ MIX[kernel]; its adjoint is @ MIX[kernel].T.
+MIX = {
+    "dht": ((1.0, -1.0), (-1.0, -1.0)),
+    "fourier": ((1.0, 0.0), (0.0, -1.0)),
+    "dht_separable": ((1.0, -1.0), (-1.0, 1.0)),
+}
 
 
-def _mix_adjoint(dp: torch.Tensor, dq: torch.Tensor, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Transpose of _mix: gradients of (re, im) from gradients of (p, q)."""
-    if kernel == "fourier":
-        return dp, -dq
-    if kernel == "dht_separable":
-        d = dp - dq
-        return d, -d
-    return dp - dq, -(dp + dq)
+def _read_pairs(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the full FFT at `idx` sits in the interleaved (re, im) view of a half spectrum, and its signs.
 
-
-def _gather_rfft(f: torch.Tensor, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real and imaginary parts of the full FFT at `idx`, read from a half spectrum (rfft).
-
-    Reads (re, im) pairs along the last axis of the interleaved real view: on a CPU that is ~3x
-    faster than index_select over the complex or the (..., 2) axis.
+    F[v] = conj(F[length - v]) for real input, so a mirrored v reads the conjugate: sign (1, -1).
+    Reading pairs along the last axis is ~3x faster on a CPU than index_select over a complex axis.
     """
     mirrored = idx > length // 2
     half = torch.where(mirrored, length - idx, idx)
     pairs = torch.stack([2 * half, 2 * half + 1], dim=-1).flatten()
-    picked = torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2))
-    sign = 1.0 - 2.0 * mirrored.to(picked.dtype)  # F[v] = conj(F[N - v]) for real input
-    return picked[..., 0], picked[..., 1] * sign
+    signs = torch.stack([torch.ones_like(half, dtype=dtype), 1.0 - 2.0 * mirrored.to(dtype)], dim=-1)
+    return pairs, signs
 
 
-def _hermitian_weights(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each z_j lands in the half spectrum and its weights: Re(IFFT(Z)) sees (Z[u] + conj Z[-u]) / 2.
+def _hermitian_weights(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each z_j lands in the half spectrum and its (re, im) weights: Re(IFFT(Z)) sees (Z[u] + conj Z[-u]) / 2.
 
     So z lands at min(u, M - u) as z/2 (u <= M/2) or conj(z)/2; rows with u = -u (DC, Nyquist) keep Re(z).
     """
@@ -72,19 +63,59 @@ def _hermitian_weights(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tu
     self_conj = (idx == 0) | (2 * idx == length)
     w_re = torch.where(self_conj, 1.0, 0.5).to(dtype)
     w_im = torch.where(self_conj, 0.0, torch.where(upper, -0.5, 0.5)).to(dtype)
-    return torch.where(upper, length - idx, idx), w_re, w_im
+    return torch.where(upper, length - idx, idx), torch.stack([w_re, w_im], dim=-1)
 
 
-def _scatter_irfft(p: torch.Tensor, q: torch.Tensor, c_re: torch.Tensor, c_im: torch.Tensor, half_idx: torch.Tensor, length: int, out: torch.Tensor) -> None:
-    """out = unnormalised inverse rfft (norm="forward") of the half spectrum holding c_re p + i c_im q at half_idx.
+@dataclass(frozen=True)
+class SpectrumIndex:
+    """What the fast path needs that depends only on the positions, the shape and the dtype.
 
-    Any 1/length goes into c_re, c_im (n values), not onto the B x length result: one full-size
-    scaling less per call.
+    Built once per plan (SparseSpectrumAdapter caches it), so a training step launches only the
+    transforms, two gathers, two scatters and a few (B, n) products per layer: on a GPU each of
+    the ~60 small index ops it replaces costs a kernel launch per layer and step.
     """
-    values = torch.complex(c_re * p, c_im * q)
-    spectrum = torch.zeros(*p.shape[:-1], length // 2 + 1, dtype=values.dtype, device=p.device)
-    spectrum.index_add_(-1, half_idx, values)
-    torch.fft.irfft(spectrum, n=length, dim=-1, norm="forward", out=out)
+
+    col_pairs: torch.Tensor  # (2n,) gather F_N[v_j] from view_as_real(rfft_N(x)).flatten(-2)
+    col_signs: torch.Tensor  # (n, 2)
+    row_pairs: torch.Tensor  # (2n,) gather F_M[u_j] from the output gradient's rfft (backward)
+    row_signs: torch.Tensor  # (n, 2) with the 1/(M N) of both transforms folded in
+    row_half: torch.Tensor  # (n,) scatter into the half spectrum of length M (forward)
+    row_weights: torch.Tensor  # (n, 2) with the 1/(M N) folded in
+    col_half: torch.Tensor  # (n,) scatter into the half spectrum of length N (input gradient)
+    col_weights: torch.Tensor  # (n, 2)
+    mix: torch.Tensor  # (2, 2) MIX[kernel]
+    adjoint: torch.Tensor  # (2, 2) its transpose
+    shape: tuple[int, int]
+    kernel: str
+
+
+def spectrum_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str = "dht",
+                   dtype: torch.dtype = torch.float32) -> SpectrumIndex:
+    """The SpectrumIndex of coefficients at (rows, cols) of an (M, N) update, for transforms in `dtype`."""
+    _check_kernel(kernel)
+    m, n_in = shape
+    col_pairs, col_signs = _read_pairs(cols, n_in, dtype)
+    row_pairs, row_signs = _read_pairs(rows, m, dtype)
+    row_half, row_weights = _hermitian_weights(rows, m, dtype)
+    col_half, col_weights = _hermitian_weights(cols, n_in, dtype)
+    mix = torch.tensor(MIX[kernel], dtype=dtype, device=rows.device)
+    return SpectrumIndex(col_pairs, col_signs, row_pairs, row_signs / (m * n_in), row_half, row_weights / (m * n_in),
+                         col_half, col_weights, mix, mix.T.contiguous(), (m, n_in), kernel)
+
+
+def _gather(f: torch.Tensor, pairs: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """(rows, n, 2): (re, im) of the full FFT at the pairs' positions, read from a half spectrum f, times signs."""
+    return torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2)) * signs
+
+
+def _scatter_irfft(pairs: torch.Tensor, half_idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Unnormalised inverse rfft (norm="forward") of the half spectrum holding the complex `pairs` (rows, n, 2) at half_idx.
+
+    The 1/length of the transform is folded into the n weights of `pairs` by SpectrumIndex.
+    """
+    spectrum = torch.zeros(*pairs.shape[:-2], length // 2 + 1, dtype=pairs.dtype.to_complex(), device=pairs.device)
+    spectrum.index_add_(-1, half_idx, torch.view_as_complex(pairs))
+    return torch.fft.irfft(spectrum, n=length, dim=-1, norm="forward")
 
 
 # Tokens per pass on a CPU: rows x (M + N) <= CPU_PASS_ELEMENTS, so one pass's input, spectra and
@@ -107,43 +138,59 @@ class _SparseSpectrumLinear(torch.autograd.Function):
 
     Autograd through rfft/index ops is exact too but spends most of its time on full-size
     temporaries; this touches (B, n) tensors plus one forward and one inverse FFT each way.
-    Saves p, q (B x n each), not x. x arrives as (B, N) rows.
+    Saves pq = (p, q) (B x n x 2), not x. x arrives as (B, N) rows.
     """
 
     @staticmethod
-    def forward(ctx, x, coeffs, rows, cols, out_features, kernel):  # type: ignore[override]
-        n_in, m = x.shape[-1], out_features
-        half_rows, w_re, w_im = _hermitian_weights(rows, m, x.dtype)
-        c = coeffs / (n_in * m)  # 1/N of the forward, 1/M of the inverse FFT, on n values
-        y = x.new_empty(x.shape[0], m)
-        p = x.new_empty(x.shape[0], cols.numel())
-        q = torch.empty_like(p)
-        for part in _row_passes(x.shape[0], n_in + m, x.device):
-            p[part], q[part] = _mix(*_gather_rfft(torch.fft.rfft(x[part], dim=-1), cols, n_in), kernel)
-            _scatter_irfft(p[part], q[part], c * w_re, c * w_im, half_rows, m, out=y[part])
-        ctx.save_for_backward(p, q, coeffs, rows, cols)
-        ctx.kernel, ctx.n_in = kernel, n_in
+    def forward(ctx, x, coeffs, index):  # type: ignore[override]
+        m, n_in = index.shape
+        rows = x.shape[0]
+        passes = _row_passes(rows, m + n_in, x.device)
+        weights = coeffs.unsqueeze(-1) * index.row_weights  # (n, 2): c_j (w_re, w_im) / (M N)
+        pq = x.new_empty(rows, coeffs.numel(), 2) if len(passes) > 1 else None
+        y = x.new_empty(rows, m) if len(passes) > 1 else None
+        for part in passes:
+            part_pq = _gather(torch.fft.rfft(x[part], dim=-1), index.col_pairs, index.col_signs) @ index.mix
+            part_y = _scatter_irfft(part_pq * weights, index.row_half, m)
+            if y is None:
+                pq, y = part_pq, part_y
+            else:
+                pq[part], y[part] = part_pq, part_y
+        if y is None:  # no tokens: no passes
+            pq, y = x.new_empty(0, coeffs.numel(), 2), x.new_empty(0, m)
+        ctx.save_for_backward(pq, coeffs)
+        ctx.index = index
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        p, q, coeffs, rows, cols = ctx.saved_tensors
-        m, n_in = grad.shape[-1], ctx.n_in
+        pq, coeffs = ctx.saved_tensors
+        index = ctx.index
+        m, n_in = index.shape
         want_x, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_c = torch.zeros_like(coeffs) if want_c else None
-        grad_x = grad.new_empty(grad.shape[0], n_in) if want_x else None
-        half_cols, w_re, w_im = _hermitian_weights(cols, n_in, grad.dtype)
-        for part in _row_passes(grad.shape[0], n_in + m, grad.device):
-            # dL/d(c p) = Re(FFT_M g)[u] / (M N), dL/d(c q) = Im(FFT_M g)[u] / (M N)
-            g_re, g_im = _gather_rfft(torch.fft.rfft(grad[part], dim=-1), rows, m)
-            g_re, g_im = g_re / (n_in * m), g_im / (n_in * m)  # the 1/M of norm="forward", on n values
+        grad_c = grad_x = None
+        weights = coeffs.unsqueeze(-1) * index.col_weights if want_x else None  # (n, 2)
+        passes = _row_passes(grad.shape[0], n_in + m, grad.device)
+        for part in passes:
+            # (dL/d(c p), dL/d(c q)) = (Re, Im)(FFT_M g)[u] / (M N)
+            g = _gather(torch.fft.rfft(grad[part], dim=-1), index.row_pairs, index.row_signs)
             if want_c:
-                grad_c += (g_re * p[part] + g_im * q[part]).sum(0)
+                part_c = (g * pq[part]).sum((0, 2))
+                grad_c = part_c if grad_c is None else grad_c.add_(part_c)
             if want_x:
                 # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
-                d_re, d_im = _mix_adjoint(coeffs * g_re, coeffs * g_im, ctx.kernel)
-                _scatter_irfft(d_re, d_im, w_re, w_im, half_cols, n_in, out=grad_x[part])
-        return grad_x, grad_c, None, None, None, None
+                part_x = _scatter_irfft((g @ index.adjoint) * weights, index.col_half, n_in)
+                if len(passes) == 1:
+                    grad_x = part_x
+                else:
+                    if grad_x is None:
+                        grad_x = grad.new_empty(grad.shape[0], n_in)
+                    grad_x[part] = part_x
+        if want_c and grad_c is None:  # no tokens: no passes
+            grad_c = torch.zeros_like(coeffs)
+        if want_x and grad_x is None:
+            grad_x = grad.new_empty(0, n_in)
+        return grad_x, grad_c, None
 
 
 # Below this ratio M N / (n + M + N) materialising dW and multiplying beats the FFT path. Measured
@@ -167,6 +214,7 @@ def sparse_spectrum_linear(
     out_features: int,
     kernel: str = "dht",
     path: str = "auto",
+    index: SpectrumIndex | None = None,
 ) -> torch.Tensor:
     """x @ dW.T for the sparse spectrum (coeffs at rows, cols) of an out_features x N update.
 
@@ -174,7 +222,8 @@ def sparse_spectrum_linear(
     (first order). Transforms run in fp32 for half-precision x; the result has x's dtype.
     path: "fast" (FFTs, dW never built), "dense" (dW built, then a matmul), or "auto": dense only
     for layers so small that it is cheaper (fast_path_pays), where dW has at most
-    DENSE_CROSSOVER (n + M + N) elements.
+    DENSE_CROSSOVER (n + M + N) elements. index: spectrum_index(rows, cols, ...) for this layer and
+    compute dtype, if the caller keeps one (it must match rows, cols and kernel); else built here.
     """
     _check_kernel(kernel)
     if path not in ("auto", "fast", "dense"):
@@ -183,8 +232,13 @@ def sparse_spectrum_linear(
     shape = (out_features, x.shape[-1])
     if path == "dense" or (path == "auto" and not fast_path_pays(shape, rows.numel())):
         return (xf @ dense_update(coeffs.to(xf.dtype), rows, cols, shape, kernel).T).to(x.dtype)
+    if index is None:
+        index = spectrum_index(rows, cols, shape, kernel, xf.dtype)
+    elif (index.shape, index.kernel, index.mix.dtype) != (shape, kernel, xf.dtype) or index.row_half.numel() != rows.numel():
+        raise ValueError(f"spectrum index of {index.row_half.numel()} {index.kernel} positions in a {index.shape} {index.mix.dtype} "
+                         f"layer used for {rows.numel()} {kernel} positions in a {shape} {xf.dtype} one: rebuild it with spectrum_index")
     xf = xf.reshape(-1, x.shape[-1])
-    y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), rows, cols, out_features, kernel)
+    y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), index)
     return y.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 
