@@ -60,6 +60,20 @@ def test_overhead_rows_on_a_small_layer():
     assert "ovh / peft LoRA16 ovh" in overhead.format_table(rows) and "branch ovh ms" in overhead.format_table(rows)
 
 
+def test_op_counts_of_the_frozen_linear_and_the_fast_path(monkeypatch):
+    """+ops: the frozen linear alone dispatches exactly 2 ops (forward mm, input-gradient mm); SSH's fast path
+    stays within 9 forward + 11 backward ops plus the adapter's scale, add and scale gradient (26), where
+    building its index every step dispatched 95; LoRA r=16 dispatches the same in megaspec and in peft."""
+    monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)  # the fast path, as at real sizes
+    rows = overhead.run((64, 128), tokens=16, reps=1, warmup=0, device="cpu", dtype=torch.float32,
+                        methods=["ssh", "lora", "peft_lora"], modes=("branch",))
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name[overhead.BASE]["ops"] == 2 and by_name[overhead.BASE]["extra_ops"] == 0
+    assert 0 < by_name["megaspec ssh n=750 (fast)"]["extra_ops"] <= 26
+    assert by_name["megaspec lora r=16"]["extra_ops"] == by_name["peft lora r=16"]["extra_ops"] > 0
+    assert "+ops" in overhead.format_table(rows)
+
+
 def test_branch_only_takes_out_the_frozen_matmul_and_puts_it_back():
     """In branch mode a variant computes exactly its adapter's share of the output and of the input gradient."""
     torch.manual_seed(0)

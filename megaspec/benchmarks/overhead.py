@@ -15,6 +15,11 @@ timed step follows `settle` untimed steps of the same variant: on a CPU a step r
 variant's pays for that variant's allocator and cache state (after peft FourierFT's dense update,
 up to 0.3 s on a 8192 x 28672 layer), which made the order of the table show in its numbers.
 
+"+ops" counts the ATen ops (views excluded) one forward+backward of the variant dispatches beyond
+the frozen linear's own (`count_ops`, at a few tokens so the fast path makes one pass, as on a GPU).
+On a GPU each is a kernel launch with ~5-10 us of CPU dispatch: this is the part of an adapter's
+cost that a CPU timing does not show and that does not shrink with the layer.
+
 Variants: every registered megaspec method at its setting (SSH n=750 and n=5000 fast and n=750
 through the dense path, FourierFT n=1000, LoRA r=16, low-rank methods at r=8, any other method
 at AdapterConfig's defaults), HF peft LoRA r=8, 16, 64 and peft FourierFT n=1000.
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megaspec.adapters import adapter_class
 from megaspec.benchmarks.common import (
@@ -241,6 +247,36 @@ def time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside the block, views excluded (they launch nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+# Tokens for counting ops: few enough for one CPU pass of the sparse-spectrum fast path (as on a
+# GPU, which takes all tokens in one pass); the count does not depend on the tokens otherwise.
+OP_COUNT_TOKENS = 8
+
+
+def count_ops(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> int:
+    """Non-view ATen ops one forward+backward of `module` dispatches: on a GPU each is a kernel launch
+    (~5-10 us of CPU time per op in eager PyTorch), which matters where the layer's own work is small."""
+    x = x[:OP_COUNT_TOKENS].detach().clone().requires_grad_(True)
+    grad = grad[:OP_COUNT_TOKENS]
+    module.zero_grad(set_to_none=True)
+    with _OpCounter() as counter:
+        out = module(x)
+        if out.requires_grad:
+            out.backward(grad)
+    return counter.count
+
+
 def run(
     shape: tuple[int, int],
     tokens: int,
@@ -270,6 +306,7 @@ def run(
             print(f"skipped {v.name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
         rows.append(v)
+    ops = {v.name: count_ops(v.module, x, grad) for v in rows}
     times: dict[tuple[str, str], list[float]] = {(v.name, mode): [] for v in rows for mode in modes}
     for i in range(warmup + reps):
         for v in rows:
@@ -282,7 +319,7 @@ def run(
                     times[(v.name, mode)].append(t)
     table = [
         {"shape": f"{m}x{n}", "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "variant": v.name,
-         "method": v.method, "trainable": v.trainable}
+         "method": v.method, "trainable": v.trainable, "ops": ops[v.name], "extra_ops": ops[v.name] - ops[rows[0].name]}
         for v in rows
     ]
     for mode, prefix in (("full", ""), ("branch", "branch_")):
@@ -304,6 +341,7 @@ def run(
 
 COLUMNS = [
     ("shape", "shape", ""), ("tokens", "B", "d"), ("variant", "variant", ""), ("trainable", "trainable", ",d"),
+    ("extra_ops", "+ops", "+d"),
     ("median_ms", "median ms", ".2f"), ("min_ms", "min ms", ".2f"), ("overhead_ms", "overhead ms", "+.2f"),
     ("ratio_to_base", "x base", ".3f"), ("overhead_vs_peft_lora16", "ovh / peft LoRA16 ovh", ".2f"),
     ("branch_median_ms", "branch ms", ".2f"), ("branch_overhead_ms", "branch ovh ms", "+.2f"),
