@@ -114,7 +114,7 @@ def test_spectrum_index_is_built_once_per_plan_and_follows_plan_changes(tiny_mod
     x64 = x.double()
     with torch.no_grad():
         got64 = adapter.delta(x64)
-    assert adapter.spectrum_index(torch.float64).mix.dtype == torch.float64 and len(builds) == 10
+    assert adapter.spectrum_index(torch.float64).dtype == torch.float64 and len(builds) == 10
     torch.testing.assert_close(got64, x64 @ adapter.delta_weight().double().T, atol=1e-6, rtol=1e-5)
 
 

@@ -62,7 +62,7 @@ def test_overhead_rows_on_a_small_layer():
 
 def test_op_counts_of_the_frozen_linear_and_the_fast_path(monkeypatch):
     """+ops: the frozen linear alone dispatches exactly 2 ops (forward mm, input-gradient mm); SSH's fast path
-    stays within 9 forward + 11 backward ops plus the adapter's scale, add and scale gradient (26), where
+    stays within 26 (9 forward and 12 backward ops, the adapter's scale, add and scale gradient), where
     building its index every step dispatched 95; LoRA r=16 dispatches the same in megaspec and in peft."""
     monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)  # the fast path, as at real sizes
     rows = overhead.run((64, 128), tokens=16, reps=1, warmup=0, device="cpu", dtype=torch.float32,

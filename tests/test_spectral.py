@@ -173,12 +173,13 @@ def test_gradients_match_dense_path(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_many_tokens_in_several_passes_match_dense_path(kernel, monkeypatch):
-    """More tokens than one CPU pass (CPU_PASS_ELEMENTS // (M + N) rows), the last pass partial, in a (batch, seq, N) input."""
+    """More tokens than one CPU pass (CPU_PASS_ELEMENTS // (M + N + 2n) rows), the last pass partial, in a (batch, seq, N) input."""
     from megaspec.spectral import sparse
 
     shape = (24, 40)
-    monkeypatch.setattr(sparse, "CPU_PASS_ELEMENTS", 100 * sum(shape))  # 100 rows per pass
-    assert sparse._row_passes(237, sum(shape), torch.device("cpu"))[-1] == slice(200, 300)
+    width = sum(shape) + 2 * 30
+    monkeypatch.setattr(sparse, "CPU_PASS_ELEMENTS", 100 * width)  # 100 rows per pass
+    assert sparse._row_passes(237, width, torch.device("cpu"))[-1] == slice(200, 300)
     rows, cols = random_positions(shape, 30, seed=5)
     tokens = 237
     x1 = torch.randn(1, tokens, 40, dtype=torch.float64)
@@ -198,14 +199,18 @@ def test_many_tokens_in_several_passes_match_dense_path(kernel, monkeypatch):
 
 
 def test_cpu_passes_shrink_with_the_layer_and_gpus_take_one_pass():
-    """Rows per CPU pass keep rows x (M + N) within CPU_PASS_ELEMENTS (at least MIN_ROWS_PER_PASS); one pass on a GPU."""
-    from megaspec.spectral.sparse import CPU_PASS_ELEMENTS, MIN_ROWS_PER_PASS, _row_passes
+    """Rows per CPU pass keep rows x (M + N + 2n) within CPU_PASS_ELEMENTS, between MIN_ and MAX_ROWS_PER_PASS; one pass on a GPU."""
+    from megaspec.spectral.sparse import CPU_PASS_ELEMENTS, MAX_ROWS_PER_PASS, MIN_ROWS_PER_PASS, _row_passes
 
     cpu = torch.device("cpu")
-    for m, n_in, per_pass in [(4096, 4096, 128), (4096, 14336, 56), (8192, 28672, 28), (10**6, 10**6, MIN_ROWS_PER_PASS)]:
-        passes = _row_passes(2048, m + n_in, cpu)
+    for m, n_in, n, per_pass in [(4096, 4096, 750, 108), (4096, 14336, 750, 52), (8192, 28672, 750, 27),
+                                 (1024, 1024, 1000, 256), (10**6, 10**6, 750, MIN_ROWS_PER_PASS)]:
+        width = m + n_in + 2 * n
+        passes = _row_passes(2048, width, cpu)
         assert [p.stop - p.start for p in passes[:-1]] == [per_pass] * (len(passes) - 1)
-        assert passes[-1].start < 2048 <= passes[-1].stop and per_pass * (m + n_in) <= max(CPU_PASS_ELEMENTS, MIN_ROWS_PER_PASS * (m + n_in))
+        assert passes[-1].start < 2048 <= passes[-1].stop
+        assert MIN_ROWS_PER_PASS <= per_pass <= MAX_ROWS_PER_PASS
+        assert per_pass * width <= CPU_PASS_ELEMENTS or per_pass == MIN_ROWS_PER_PASS
     assert _row_passes(2048, 4096 + 4096, torch.device("cuda")) == [slice(0, 2048)]
 
 

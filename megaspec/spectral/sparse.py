@@ -73,20 +73,26 @@ class SpectrumIndex:
     Built once per plan (SparseSpectrumAdapter caches it), so a training step launches only the
     transforms, two gathers, two scatters and a few (B, n) products per layer: on a GPU each of
     the ~60 small index ops it replaces costs a kernel launch per layer and step.
+
+    A gather reads (re_h, im_h) of the half spectrum; the full FFT there is (re_h, s im_h), s = -1
+    where the position is read mirrored. Mixing into (p, q) is (re, im) @ MIX, written as
+    re_h * from_re + im_h * from_im with s and MIX folded into those (n, 2) rows: elementwise, where
+    a K = 2 matmul is 4x slower on a CPU.
     """
 
     col_pairs: torch.Tensor  # (2n,) gather F_N[v_j] from view_as_real(rfft_N(x)).flatten(-2)
-    col_signs: torch.Tensor  # (n, 2)
+    fwd_from_re: torch.Tensor  # (n, 2): pq' = re_h * fwd_from_re + im_h * fwd_from_im = (p, s_u q) / (M N)
+    fwd_from_im: torch.Tensor
     row_pairs: torch.Tensor  # (2n,) gather F_M[u_j] from the output gradient's rfft (backward)
-    row_signs: torch.Tensor  # (n, 2) with the 1/(M N) of both transforms folded in
+    bwd_from_re: torch.Tensor  # (n, 2): (dRe, dIm) = g_re_h * bwd_from_re + g_im_h * bwd_from_im, MIX^T and 1/(M N) in
+    bwd_from_im: torch.Tensor
     row_half: torch.Tensor  # (n,) scatter into the half spectrum of length M (forward)
-    row_weights: torch.Tensor  # (n, 2) with the 1/(M N) folded in
+    row_weights: torch.Tensor  # (n, 2) Hermitian weights over (1, s_u) / (M N): c pq' row_weights = c (w_re p, w_im q)
     col_half: torch.Tensor  # (n,) scatter into the half spectrum of length N (input gradient)
     col_weights: torch.Tensor  # (n, 2)
-    mix: torch.Tensor  # (2, 2) MIX[kernel]
-    adjoint: torch.Tensor  # (2, 2) its transpose
     shape: tuple[int, int]
     kernel: str
+    dtype: torch.dtype
 
 
 def spectrum_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str = "dht",
@@ -99,13 +105,25 @@ def spectrum_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int
     row_half, row_weights = _hermitian_weights(rows, m, dtype)
     col_half, col_weights = _hermitian_weights(cols, n_in, dtype)
     mix = torch.tensor(MIX[kernel], dtype=dtype, device=rows.device)
-    return SpectrumIndex(col_pairs, col_signs, row_pairs, row_signs / (m * n_in), row_half, row_weights / (m * n_in),
-                         col_half, col_weights, mix, mix.T.contiguous(), (m, n_in), kernel)
+    # pq' carries the output side's (1, s_u) / (M N), so that dL/dc = sum over tokens and (re, im) of
+    # g_h * pq' (g_h: the gathered half spectrum of FFT_M(grad)) in two ops; the forward undoes it in
+    # row_weights (s_u = +-1)
+    unit = row_signs / (m * n_in)
+    return SpectrumIndex(
+        col_pairs, col_signs[:, :1] * mix[0] * unit, col_signs[:, 1:] * mix[1] * unit,
+        row_pairs, unit[:, :1] * mix[:, 0], unit[:, 1:] * mix[:, 1],
+        row_half, row_weights * row_signs, col_half, col_weights, (m, n_in), kernel, dtype,
+    )
 
 
-def _gather(f: torch.Tensor, pairs: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """(rows, n, 2): (re, im) of the full FFT at the pairs' positions, read from a half spectrum f, times signs."""
-    return torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2)) * signs
+def _gather(f: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """(rows, n, 2): (re, im) of the half spectrum f at the pairs' positions."""
+    return torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2))
+
+
+def _combine(h: torch.Tensor, from_re: torch.Tensor, from_im: torch.Tensor) -> torch.Tensor:
+    """(rows, n, 2) = h[..., 0] * from_re + h[..., 1] * from_im: a per-coefficient 2 x 2 map, elementwise."""
+    return torch.addcmul(h[..., :1] * from_re, h[..., 1:], from_im)
 
 
 def _scatter_irfft(pairs: torch.Tensor, half_idx: torch.Tensor, length: int) -> torch.Tensor:
@@ -118,18 +136,23 @@ def _scatter_irfft(pairs: torch.Tensor, half_idx: torch.Tensor, length: int) -> 
     return torch.fft.irfft(spectrum, n=length, dim=-1, norm="forward")
 
 
-# Tokens per pass on a CPU: rows x (M + N) <= CPU_PASS_ELEMENTS, so one pass's input, spectra and
-# output (~8 MB) stay in cache and in the allocator's reused heap blocks. Larger passes get fresh
-# mmap'd temporaries that page-fault every step: a fixed 256 rows was right at 4096 x 4096 but at
-# 8192 x 28672 faulted 743 MB per fwd+bwd (288 MB with 28 rows, the outputs alone) and ran 1.45x slower.
+# Tokens per pass on a CPU: rows x (M + N + 2n) <= CPU_PASS_ELEMENTS, and 16 to 256 rows, so one
+# pass's input, spectra, (rows, n, 2) gathers and output stay in cache and in the allocator's reused
+# heap blocks. Larger passes get fresh mmap'd temporaries that page-fault every step: a fixed 256
+# rows was right at 4096 x 4096 but at 8192 x 28672 faulted 743 MB per fwd+bwd (288 MB with 26 rows,
+# the outputs alone) and ran 1.45x slower; without the 256 cap and the n term, 1024 x 1024 at
+# n = 1000 ran 2.7x slower in passes of 512 (BENCHMARKS.md "overhead", "crossover").
 # GPUs take all rows in one pass.
 CPU_PASS_ELEMENTS = 1 << 20
-MIN_ROWS_PER_PASS = 16
+MIN_ROWS_PER_PASS, MAX_ROWS_PER_PASS = 16, 256
 
 
 def _row_passes(rows: int, width: int, device: torch.device) -> list[slice]:
-    """Slices of at most CPU_PASS_ELEMENTS // width rows (CPU) or all rows (GPU); width = M + N."""
-    step = max(MIN_ROWS_PER_PASS, CPU_PASS_ELEMENTS // width) if device.type == "cpu" else max(rows, 1)
+    """Slices of CPU_PASS_ELEMENTS // width rows within [MIN, MAX]_ROWS_PER_PASS (CPU), or all rows (GPU); width = M + N + 2n."""
+    if device.type == "cpu":
+        step = min(MAX_ROWS_PER_PASS, max(MIN_ROWS_PER_PASS, CPU_PASS_ELEMENTS // width))
+    else:
+        step = max(rows, 1)
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
@@ -138,19 +161,19 @@ class _SparseSpectrumLinear(torch.autograd.Function):
 
     Autograd through rfft/index ops is exact too but spends most of its time on full-size
     temporaries; this touches (B, n) tensors plus one forward and one inverse FFT each way.
-    Saves pq = (p, q) (B x n x 2), not x. x arrives as (B, N) rows.
+    Saves pq' = (p, s_u q) / (M N) (B x n x 2), not x. x arrives as (B, N) rows.
     """
 
     @staticmethod
     def forward(ctx, x, coeffs, index):  # type: ignore[override]
         m, n_in = index.shape
         rows = x.shape[0]
-        passes = _row_passes(rows, m + n_in, x.device)
-        weights = coeffs.unsqueeze(-1) * index.row_weights  # (n, 2): c_j (w_re, w_im) / (M N)
+        passes = _row_passes(rows, m + n_in + 2 * coeffs.numel(), x.device)
+        weights = coeffs.unsqueeze(-1) * index.row_weights  # (n, 2): c_j pq' weights = c_j (w_re p, w_im q) / (M N)
         pq = x.new_empty(rows, coeffs.numel(), 2) if len(passes) > 1 else None
         y = x.new_empty(rows, m) if len(passes) > 1 else None
         for part in passes:
-            part_pq = _gather(torch.fft.rfft(x[part], dim=-1), index.col_pairs, index.col_signs) @ index.mix
+            part_pq = _combine(_gather(torch.fft.rfft(x[part], dim=-1), index.col_pairs), index.fwd_from_re, index.fwd_from_im)
             part_y = _scatter_irfft(part_pq * weights, index.row_half, m)
             if y is None:
                 pq, y = part_pq, part_y
@@ -169,17 +192,19 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         m, n_in = index.shape
         want_x, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_c = grad_x = None
-        weights = coeffs.unsqueeze(-1) * index.col_weights if want_x else None  # (n, 2)
-        passes = _row_passes(grad.shape[0], n_in + m, grad.device)
+        if want_x:  # per call: the coefficients and the input-side Hermitian weights folded in, (n, 2) each
+            weights = coeffs.unsqueeze(-1) * index.col_weights
+            from_re, from_im = index.bwd_from_re * weights, index.bwd_from_im * weights
+        passes = _row_passes(grad.shape[0], n_in + m + 2 * coeffs.numel(), grad.device)
         for part in passes:
-            # (dL/d(c p), dL/d(c q)) = (Re, Im)(FFT_M g)[u] / (M N)
-            g = _gather(torch.fft.rfft(grad[part], dim=-1), index.row_pairs, index.row_signs)
+            g = _gather(torch.fft.rfft(grad[part], dim=-1), index.row_pairs)  # half spectrum of FFT_M(grad) at u
             if want_c:
+                # dL/dc_j = sum_b (p g_re + q g_im)[b, j], (g_re, g_im) = FFT_M(grad)[u_j] / (M N) = g_h (1, s_u) / (M N)
                 part_c = (g * pq[part]).sum((0, 2))
                 grad_c = part_c if grad_c is None else grad_c.add_(part_c)
             if want_x:
                 # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
-                part_x = _scatter_irfft((g @ index.adjoint) * weights, index.col_half, n_in)
+                part_x = _scatter_irfft(_combine(g, from_re, from_im), index.col_half, n_in)
                 if len(passes) == 1:
                     grad_x = part_x
                 else:
@@ -234,8 +259,8 @@ def sparse_spectrum_linear(
         return (xf @ dense_update(coeffs.to(xf.dtype), rows, cols, shape, kernel).T).to(x.dtype)
     if index is None:
         index = spectrum_index(rows, cols, shape, kernel, xf.dtype)
-    elif (index.shape, index.kernel, index.mix.dtype) != (shape, kernel, xf.dtype) or index.row_half.numel() != rows.numel():
-        raise ValueError(f"spectrum index of {index.row_half.numel()} {index.kernel} positions in a {index.shape} {index.mix.dtype} "
+    elif (index.shape, index.kernel, index.dtype) != (shape, kernel, xf.dtype) or index.row_half.numel() != rows.numel():
+        raise ValueError(f"spectrum index of {index.row_half.numel()} {index.kernel} positions in a {index.shape} {index.dtype} "
                          f"layer used for {rows.numel()} {kernel} positions in a {shape} {xf.dtype} one: rebuild it with spectrum_index")
     xf = xf.reshape(-1, x.shape[-1])
     y = _SparseSpectrumLinear.apply(xf, coeffs.to(xf.dtype), index)
