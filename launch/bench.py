@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,14 @@ def _modes(text: str) -> str:
     return text
 
 
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression: {err}") from None
+    return text
+
+
 def overhead(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import overhead as bench
 
@@ -56,7 +65,7 @@ def overhead(args: argparse.Namespace) -> tuple[Any, str]:
                   "step; on a CPU pass a smaller --tokens", file=sys.stderr)
         rows += bench.run(_shape(shape), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
                           parse_methods(args.methods), synthetic=not args.real_svd, settle=args.settle,
-                          modes=tuple(args.modes.split(",")))
+                          modes=tuple(args.modes.split(",")), only=args.variants)
     return rows, bench.format_table(rows)
 
 
@@ -143,6 +152,8 @@ def main() -> None:
     p.add_argument("--settle", type=int, default=1, help="untimed steps of a variant right before each timed one")
     p.add_argument("--modes", default="full,branch", type=_modes,
                    help="full (frozen matmul + adapter), branch (the adapter alone: frozen matmul swapped for zeros), or both")
+    p.add_argument("--variants", default=None, type=_regex, metavar="REGEX",
+                   help="only the rows whose name matches REGEX (and the frozen base), e.g. 'ssh n=750 \\(fast|peft lora r=16'")
     p.set_defaults(func=overhead)
 
     p = sub.add_parser("crossover", parents=[common], help="sparse-spectrum forward: FFT path vs building dW, by layer size")

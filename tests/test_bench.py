@@ -62,14 +62,14 @@ def test_overhead_rows_on_a_small_layer():
 
 def test_op_counts_of_the_frozen_linear_and_the_fast_path(monkeypatch):
     """+ops: the frozen linear alone dispatches exactly 2 ops (forward mm, input-gradient mm); SSH's fast path
-    stays within 26 (9 forward and 12 backward ops, the adapter's scale, add and scale gradient), where
+    stays within 27 (10 forward and 13 backward ops, the adapter's scale, add and scale gradient), where
     building its index every step dispatched 95; LoRA r=16 dispatches the same in megaspec and in peft."""
     monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)  # the fast path, as at real sizes
     rows = overhead.run((64, 128), tokens=16, reps=1, warmup=0, device="cpu", dtype=torch.float32,
                         methods=["ssh", "lora", "peft_lora"], modes=("branch",))
     by_name = {r["variant"]: r for r in rows}
     assert by_name[overhead.BASE]["ops"] == 2 and by_name[overhead.BASE]["extra_ops"] == 0
-    assert 0 < by_name["megaspec ssh n=750 (fast)"]["extra_ops"] <= 26
+    assert 0 < by_name["megaspec ssh n=750 (fast)"]["extra_ops"] <= 27
     assert by_name["megaspec lora r=16"]["extra_ops"] == by_name["peft lora r=16"]["extra_ops"] > 0
     assert "+ops" in overhead.format_table(rows)
 
@@ -89,6 +89,16 @@ def test_branch_only_takes_out_the_frozen_matmul_and_puts_it_back():
             assert torch.count_nonzero(branch_out) == 0
         else:
             assert torch.count_nonzero(branch_out) > 0  # the adapters are non-zero
+
+
+def test_overhead_variants_filter_keeps_the_base_and_the_matching_rows():
+    """--variants REGEX times only the matching rows (not building the others) next to the frozen base."""
+    rows = overhead.run((64, 128), tokens=8, reps=2, warmup=0, device="cpu", dtype=torch.float32,
+                        modes=("branch",), only=r"ssh n=750 \(fast|peft lora r=16")
+    assert [r["variant"] for r in rows] == [overhead.BASE, "megaspec ssh n=750 (fast)", "peft lora r=16"]
+    assert all(0 < r["branch_min_ms"] <= r["branch_median_ms"] for r in rows) and "branch min ms" in overhead.format_table(rows)
+    result = bench_cli("overhead", "--variants", "ssh (")
+    assert result.returncode == 2 and "'ssh (' is not a regular expression" in result.stderr
 
 
 def test_overhead_branch_mode_alone():

@@ -49,7 +49,7 @@ def _read_pairs(idx: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[tor
     """
     mirrored = idx > length // 2
     half = torch.where(mirrored, length - idx, idx)
-    pairs = torch.stack([2 * half, 2 * half + 1], dim=-1).flatten()
+    pairs = torch.cat([2 * half, 2 * half + 1])  # all re offsets, then all im offsets: (re, im) planes
     signs = torch.stack([torch.ones_like(half, dtype=dtype), 1.0 - 2.0 * mirrored.to(dtype)], dim=-1)
     return pairs, signs
 
@@ -74,22 +74,23 @@ class SpectrumIndex:
     transforms, two gathers, two scatters and a few (B, n) products per layer: on a GPU each of
     the ~60 small index ops it replaces costs a kernel launch per layer and step.
 
-    A gather reads (re_h, im_h) of the half spectrum; the full FFT there is (re_h, s im_h), s = -1
-    where the position is read mirrored. Mixing into (p, q) is (re, im) @ MIX, written as
-    re_h * from_re + im_h * from_im with s and MIX folded into those (n, 2) rows: elementwise, where
-    a K = 2 matmul is 4x slower on a CPU.
+    A gather reads (re_h, im_h) of the half spectrum as two (rows, n) planes; the full FFT there is
+    (re_h, s im_h), s = -1 where the position is read mirrored. Mixing into (p, q) is (re, im) @ MIX,
+    written as re_h * from_re + im_h * from_im with s and MIX folded into those (2, n) planes:
+    elementwise over contiguous n. (A K = 2 matmul was 4x slower on a CPU, and (rows, n, 2) pairs
+    broadcast against (n, 2) ran inner loops of length 2: 1.45x slower at 1024 x 1024, n = 1000.)
     """
 
     col_pairs: torch.Tensor  # (2n,) gather F_N[v_j] from view_as_real(rfft_N(x)).flatten(-2)
-    fwd_from_re: torch.Tensor  # (n, 2): pq' = re_h * fwd_from_re + im_h * fwd_from_im = (p, s_u q) / (M N)
+    fwd_from_re: torch.Tensor  # (2, n): pq' = re_h * fwd_from_re + im_h * fwd_from_im = (p, s_u q) / (M N)
     fwd_from_im: torch.Tensor
     row_pairs: torch.Tensor  # (2n,) gather F_M[u_j] from the output gradient's rfft (backward)
-    bwd_from_re: torch.Tensor  # (n, 2): (dRe, dIm) = g_re_h * bwd_from_re + g_im_h * bwd_from_im, MIX^T and 1/(M N) in
+    bwd_from_re: torch.Tensor  # (2, n): (dRe, dIm) = g_re_h * bwd_from_re + g_im_h * bwd_from_im, MIX^T and 1/(M N) in
     bwd_from_im: torch.Tensor
     row_half: torch.Tensor  # (n,) scatter into the half spectrum of length M (forward)
-    row_weights: torch.Tensor  # (n, 2) Hermitian weights over (1, s_u) / (M N): c pq' row_weights = c (w_re p, w_im q)
+    row_weights: torch.Tensor  # (2, n) Hermitian weights over (1, s_u) / (M N): c pq' row_weights = c (w_re p, w_im q)
     col_half: torch.Tensor  # (n,) scatter into the half spectrum of length N (input gradient)
-    col_weights: torch.Tensor  # (n, 2)
+    col_weights: torch.Tensor  # (2, n)
     shape: tuple[int, int]
     kernel: str
     dtype: torch.dtype
@@ -109,35 +110,35 @@ def spectrum_index(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int
     # g_h * pq' (g_h: the gathered half spectrum of FFT_M(grad)) in two ops; the forward undoes it in
     # row_weights (s_u = +-1)
     unit = row_signs / (m * n_in)
-    return SpectrumIndex(
-        col_pairs, col_signs[:, :1] * mix[0] * unit, col_signs[:, 1:] * mix[1] * unit,
-        row_pairs, unit[:, :1] * mix[:, 0], unit[:, 1:] * mix[:, 1],
-        row_half, row_weights * row_signs, col_half, col_weights, (m, n_in), kernel, dtype,
-    )
+    planes = [col_signs[:, :1] * mix[0] * unit, col_signs[:, 1:] * mix[1] * unit, unit[:, :1] * mix[:, 0], unit[:, 1:] * mix[:, 1],
+              row_weights * row_signs, col_weights]  # (n, 2) each, stored as (2, n)
+    fwd_re, fwd_im, bwd_re, bwd_im, row_w, col_w = (t.T.contiguous() for t in planes)
+    return SpectrumIndex(col_pairs, fwd_re, fwd_im, row_pairs, bwd_re, bwd_im, row_half, row_w, col_half, col_w,
+                         (m, n_in), kernel, dtype)
 
 
 def _gather(f: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """(rows, n, 2): (re, im) of the half spectrum f at the pairs' positions."""
-    return torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (-1, 2))
+    """(rows, 2, n): the (re, im) planes of the half spectrum f at the pairs' positions."""
+    return torch.view_as_real(f).flatten(-2).index_select(-1, pairs).unflatten(-1, (2, -1))
 
 
 def _combine(h: torch.Tensor, from_re: torch.Tensor, from_im: torch.Tensor) -> torch.Tensor:
-    """(rows, n, 2) = h[..., 0] * from_re + h[..., 1] * from_im: a per-coefficient 2 x 2 map, elementwise."""
-    return torch.addcmul(h[..., :1] * from_re, h[..., 1:], from_im)
+    """(rows, 2, n) = re plane * from_re + im plane * from_im (from_*: (2, n)): a per-coefficient 2 x 2 map."""
+    return torch.addcmul(h[..., :1, :] * from_re, h[..., 1:, :], from_im)
 
 
-def _scatter_irfft(pairs: torch.Tensor, half_idx: torch.Tensor, length: int) -> torch.Tensor:
-    """Unnormalised inverse rfft (norm="forward") of the half spectrum holding the complex `pairs` (rows, n, 2) at half_idx.
+def _scatter_irfft(planes: torch.Tensor, half_idx: torch.Tensor, length: int) -> torch.Tensor:
+    """Unnormalised inverse rfft (norm="forward") of the half spectrum holding re + i im of `planes` (rows, 2, n) at half_idx.
 
-    The 1/length of the transform is folded into the n weights of `pairs` by SpectrumIndex.
+    The 1/length of the transform is folded into the n weights of `planes` by SpectrumIndex.
     """
-    spectrum = torch.zeros(*pairs.shape[:-2], length // 2 + 1, dtype=pairs.dtype.to_complex(), device=pairs.device)
-    spectrum.index_add_(-1, half_idx, torch.view_as_complex(pairs))
+    spectrum = torch.zeros(*planes.shape[:-2], length // 2 + 1, dtype=planes.dtype.to_complex(), device=planes.device)
+    spectrum.index_add_(-1, half_idx, torch.complex(planes[..., 0, :], planes[..., 1, :]))
     return torch.fft.irfft(spectrum, n=length, dim=-1, norm="forward")
 
 
 # Tokens per pass on a CPU: rows x (M + N + 2n) <= CPU_PASS_ELEMENTS, and 16 to 256 rows, so one
-# pass's input, spectra, (rows, n, 2) gathers and output stay in cache and in the allocator's reused
+# pass's input, spectra, (rows, 2, n) gathers and output stay in cache and in the allocator's reused
 # heap blocks. Larger passes get fresh mmap'd temporaries that page-fault every step: a fixed 256
 # rows was right at 4096 x 4096 but at 8192 x 28672 faulted 743 MB per fwd+bwd (288 MB with 26 rows,
 # the outputs alone) and ran 1.45x slower; without the 256 cap and the n term, 1024 x 1024 at
@@ -161,7 +162,7 @@ class _SparseSpectrumLinear(torch.autograd.Function):
 
     Autograd through rfft/index ops is exact too but spends most of its time on full-size
     temporaries; this touches (B, n) tensors plus one forward and one inverse FFT each way.
-    Saves pq' = (p, s_u q) / (M N) (B x n x 2), not x. x arrives as (B, N) rows.
+    Saves pq' = (p, s_u q) / (M N) (B x 2 x n), not x. x arrives as (B, N) rows.
     """
 
     @staticmethod
@@ -169,8 +170,8 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         m, n_in = index.shape
         rows = x.shape[0]
         passes = _row_passes(rows, m + n_in + 2 * coeffs.numel(), x.device)
-        weights = coeffs.unsqueeze(-1) * index.row_weights  # (n, 2): c_j pq' weights = c_j (w_re p, w_im q) / (M N)
-        pq = x.new_empty(rows, coeffs.numel(), 2) if len(passes) > 1 else None
+        weights = coeffs * index.row_weights  # (2, n): c_j pq' weights = c_j (w_re p, w_im q) / (M N)
+        pq = x.new_empty(rows, 2, coeffs.numel()) if len(passes) > 1 else None
         y = x.new_empty(rows, m) if len(passes) > 1 else None
         for part in passes:
             part_pq = _combine(_gather(torch.fft.rfft(x[part], dim=-1), index.col_pairs), index.fwd_from_re, index.fwd_from_im)
@@ -180,7 +181,7 @@ class _SparseSpectrumLinear(torch.autograd.Function):
             else:
                 pq[part], y[part] = part_pq, part_y
         if y is None:  # no tokens: no passes
-            pq, y = x.new_empty(0, coeffs.numel(), 2), x.new_empty(0, m)
+            pq, y = x.new_empty(0, 2, coeffs.numel()), x.new_empty(0, m)
         ctx.save_for_backward(pq, coeffs)
         ctx.index = index
         return y
@@ -192,15 +193,15 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         m, n_in = index.shape
         want_x, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_c = grad_x = None
-        if want_x:  # per call: the coefficients and the input-side Hermitian weights folded in, (n, 2) each
-            weights = coeffs.unsqueeze(-1) * index.col_weights
+        if want_x:  # per call: the coefficients and the input-side Hermitian weights folded in, (2, n) each
+            weights = coeffs * index.col_weights
             from_re, from_im = index.bwd_from_re * weights, index.bwd_from_im * weights
         passes = _row_passes(grad.shape[0], n_in + m + 2 * coeffs.numel(), grad.device)
         for part in passes:
             g = _gather(torch.fft.rfft(grad[part], dim=-1), index.row_pairs)  # half spectrum of FFT_M(grad) at u
             if want_c:
                 # dL/dc_j = sum_b (p g_re + q g_im)[b, j], (g_re, g_im) = FFT_M(grad)[u_j] / (M N) = g_h (1, s_u) / (M N)
-                part_c = (g * pq[part]).sum((0, 2))
+                part_c = (g * pq[part]).sum((0, 1))
                 grad_c = part_c if grad_c is None else grad_c.add_(part_c)
             if want_x:
                 # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
