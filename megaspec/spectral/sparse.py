@@ -77,8 +77,8 @@ class SpectrumIndex:
     A gather reads (re_h, im_h) of the half spectrum as two (rows, n) planes; the full FFT there is
     (re_h, s im_h), s = -1 where the position is read mirrored. Mixing into (p, q) is (re, im) @ MIX,
     written as re_h * from_re + im_h * from_im with s and MIX folded into those (2, n) planes:
-    elementwise over contiguous n. (A K = 2 matmul was 4x slower on a CPU, and (rows, n, 2) pairs
-    broadcast against (n, 2) ran inner loops of length 2: 1.45x slower at 1024 x 1024, n = 1000.)
+    elementwise over contiguous n. (A K = 2 matmul, and (rows, n, 2) pairs broadcast against (n, 2),
+    whose inner loops have length 2, were both slower on a CPU: `python launch/bench.py crossover`.)
     """
 
     col_pairs: torch.Tensor  # (2n,) gather F_N[v_j] from view_as_real(rfft_N(x)).flatten(-2)
@@ -139,10 +139,9 @@ def _scatter_irfft(planes: torch.Tensor, half_idx: torch.Tensor, length: int) ->
 
 # Tokens per pass on a CPU: rows x (M + N + 2n) <= CPU_PASS_ELEMENTS, and 16 to 256 rows, so one
 # pass's input, spectra, (rows, 2, n) gathers and output stay in cache and in the allocator's reused
-# heap blocks. Larger passes get fresh mmap'd temporaries that page-fault every step: a fixed 256
-# rows was right at 4096 x 4096 but at 8192 x 28672 faulted 743 MB per fwd+bwd (288 MB with 26 rows,
-# the outputs alone) and ran 1.45x slower; without the 256 cap and the n term, 1024 x 1024 at
-# n = 1000 ran 2.7x slower in passes of 512 (BENCHMARKS.md "overhead", "crossover").
+# heap blocks. Larger passes get fresh mmap'd temporaries that page-fault every step (a fixed 256
+# rows did so at 8192 x 28672); without the 256 cap and the n term, small layers with large n ran
+# several times slower (`python launch/bench.py crossover`, BENCHMARKS.md "fast path or dense").
 # GPUs take all rows in one pass.
 CPU_PASS_ELEMENTS = 1 << 20
 MIN_ROWS_PER_PASS, MAX_ROWS_PER_PASS = 16, 256
@@ -171,17 +170,16 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         rows = x.shape[0]
         passes = _row_passes(rows, m + n_in + 2 * coeffs.numel(), x.device)
         weights = coeffs * index.row_weights  # (2, n): c_j pq' weights = c_j (w_re p, w_im q) / (M N)
-        pq = x.new_empty(rows, 2, coeffs.numel()) if len(passes) > 1 else None
-        y = x.new_empty(rows, m) if len(passes) > 1 else None
+        # one pass (a GPU) keeps its results as they are; several, or none (no tokens), fill preallocated outputs
+        one = len(passes) == 1
+        pq, y = (None, None) if one else (x.new_empty(rows, 2, coeffs.numel()), x.new_empty(rows, m))
         for part in passes:
             part_pq = _combine(_gather(torch.fft.rfft(x[part], dim=-1), index.col_pairs), index.fwd_from_re, index.fwd_from_im)
             part_y = _scatter_irfft(part_pq * weights, index.row_half, m)
-            if y is None:
+            if one:
                 pq, y = part_pq, part_y
             else:
                 pq[part], y[part] = part_pq, part_y
-        if y is None:  # no tokens: no passes
-            pq, y = x.new_empty(0, 2, coeffs.numel()), x.new_empty(0, m)
         ctx.save_for_backward(pq, coeffs)
         ctx.index = index
         return y
@@ -192,30 +190,26 @@ class _SparseSpectrumLinear(torch.autograd.Function):
         index = ctx.index
         m, n_in = index.shape
         want_x, want_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_c = grad_x = None
+        passes = _row_passes(grad.shape[0], n_in + m + 2 * coeffs.numel(), grad.device)
+        one = len(passes) == 1
+        grad_c = torch.zeros_like(coeffs) if want_c and not one else None
+        grad_x = grad.new_empty(grad.shape[0], n_in) if want_x and not one else None
         if want_x:  # per call: the coefficients and the input-side Hermitian weights folded in, (2, n) each
             weights = coeffs * index.col_weights
             from_re, from_im = index.bwd_from_re * weights, index.bwd_from_im * weights
-        passes = _row_passes(grad.shape[0], n_in + m + 2 * coeffs.numel(), grad.device)
         for part in passes:
             g = _gather(torch.fft.rfft(grad[part], dim=-1), index.row_pairs)  # half spectrum of FFT_M(grad) at u
             if want_c:
                 # dL/dc_j = sum_b (p g_re + q g_im)[b, j], (g_re, g_im) = FFT_M(grad)[u_j] / (M N) = g_h (1, s_u) / (M N)
                 part_c = (g * pq[part]).sum((0, 1))
-                grad_c = part_c if grad_c is None else grad_c.add_(part_c)
+                grad_c = part_c if one else grad_c.add_(part_c)
             if want_x:
                 # dL/dx[b] = sum_j (dRe_j cos phi_bj - dIm_j sin phi_bj) = N Re(IFFT_N(dRe + i dIm))
                 part_x = _scatter_irfft(_combine(g, from_re, from_im), index.col_half, n_in)
-                if len(passes) == 1:
+                if one:
                     grad_x = part_x
                 else:
-                    if grad_x is None:
-                        grad_x = grad.new_empty(grad.shape[0], n_in)
                     grad_x[part] = part_x
-        if want_c and grad_c is None:  # no tokens: no passes
-            grad_c = torch.zeros_like(coeffs)
-        if want_x and grad_x is None:
-            grad_x = grad.new_empty(0, n_in)
         return grad_x, grad_c, None
 
 
