@@ -57,9 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run launch/train.py; the exit code says how the run ended (README "Troubleshooting")."""
     args = parse_args(argv)
     import torch.distributed as dist
 
+    from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed
     from megaspec.train.loop import TrainConfig, TrainingDiverged, train
     from megaspec.train.validate import validate
 
@@ -70,20 +72,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**fields)
         for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
             say(f"megaspec: warning: {warning}")
-        train(cfg)
+        result = train(cfg)
+    except WriteFailed as e:  # on the rank whose write failed; its exit makes the launcher end the others
+        if e.origin_rank == int(os.environ.get("RANK", "0")):
+            prefix = "" if e.origin_rank == 0 else f"rank {e.origin_rank}: "
+            print(f"megaspec: error: {prefix}{e}", file=sys.stderr, flush=True)
+        if not joined_before:
+            leave_process_group(wait=False)
+        return EXIT_REFUSED
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
         say(f"megaspec: error: {str(e).splitlines()[0]}")
         if not joined_before:
             leave_process_group(wait=False)
-        return 2
+        return EXIT_REFUSED
     except TrainingDiverged as e:
         say(f"megaspec: error: {e}")
         if not joined_before:
             leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
-        return 3
+        return EXIT_DIVERGED
     if not joined_before:
         leave_process_group(wait=True)
-    return 0
+    return EXIT_STOPPED if result.get("stopped") else 0
 
 
 def leave_process_group(wait: bool) -> None:

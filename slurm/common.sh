@@ -3,7 +3,8 @@
 
 # args, output_dir: the launch/train.py arguments of this job and its run folder. The default run
 # folder is named by the job id, so that a requeued job (same id) finds its checkpoints; a requeued
-# job (SLURM_RESTART_COUNT > 0) continues from them.
+# job (SLURM_RESTART_COUNT > 0) continues from them (--resume), or, when the earlier attempt ended
+# before its first checkpoint, starts its own run folder again (--overwrite).
 train_args() {
     args=("$@")
     output_dir=
@@ -17,7 +18,12 @@ train_args() {
         output_dir=runs/slurm-$SLURM_JOB_ID
         args+=(--output_dir "$output_dir")
     fi
-    ((${SLURM_RESTART_COUNT:-0} == 0)) || args+=(--resume)
+    ((${SLURM_RESTART_COUNT:-0} > 0)) || return 0
+    if compgen -G "$output_dir/checkpoints/step-*" >/dev/null; then
+        args+=(--resume)
+    elif [[ -d $output_dir && " ${args[*]} " != *" --resume "* ]]; then
+        args+=(--overwrite)
+    fi
 }
 
 # hosts, MASTER_ADDR, MASTER_PORT: the allocation's nodes and the rendezvous on the first one.
@@ -36,8 +42,8 @@ rendezvous() {
 
 # run_and_requeue FORWARD COMMAND...: run COMMAND in the background until it ends. On USR1 or
 # TERM this script calls `FORWARD PID` (PID: the command's), which must get USR1 to the ranks: they
-# finish the step, write a checkpoint and exit 0. Returns the command's status; after a USR1 and a
-# clean exit it requeues the job first (unless MEGASPEC_REQUEUE=0). TERM never requeues from
+# finish the step, write a checkpoint and exit 75 (stopped, resume later). Returns the command's
+# status; after a USR1 and exit 75 it requeues the job first (unless MEGASPEC_REQUEUE=0). TERM never requeues from
 # here: scancel means stop, and a PreemptMode=REQUEUE partition requeues by itself.
 run_and_requeue() {
     _forward=$1
@@ -54,16 +60,17 @@ run_and_requeue() {
         wait "$_pid" || status=$?
         ((_signals > seen && status > 128)) || break
     done
-    if [[ $_stop_signal == USR1 && $status == 0 && ${MEGASPEC_REQUEUE:-1} == 1 ]]; then
+    if [[ $_stop_signal == USR1 && $status == "$EXIT_STOPPED" && ${MEGASPEC_REQUEUE:-1} == 1 ]]; then
         echo "megaspec: checkpoint written; requeueing job $SLURM_JOB_ID"
         # SLURM answers at once with SIGTERM to every process of this run, scontrol included: both
-        # ignore it, so that this run still ends with status 0 rather than 143.
+        # ignore it, so that this run still ends with status 75 rather than 143.
         trap '' TERM
         scontrol requeue "$SLURM_JOB_ID" || echo "megaspec: scontrol requeue exited with $?" >&2
     fi
     return "$status"
 }
 
+EXIT_STOPPED=75 # launch/train.py: stopped early with a checkpoint (megaspec/train/errors.py)
 _signals=0
 _stop_signal=
 _on_signal() {

@@ -364,7 +364,7 @@ def test_training_job_one_rank_two_ranks_and_resume(batch8_config, tmp_path):
     proc = check(run_train(_args(batch8_config, two), ranks=2))
     assert "s2ft plan calibrated on 2 micro-batches per rank" in proc.stdout
     one = tmp_path / "one"
-    check(run_train([*_args(batch8_config, one), "--halt_at_step", "3"], ranks=1))
+    assert run_train([*_args(batch8_config, one), "--halt_at_step", "3"], ranks=1).returncode == 75
     proc = check(run_train([*_args(batch8_config, one), "--resume"], ranks=1))
     output = proc.stdout + proc.stderr
     assert "resumed from" in output and "plan restored from" in output and "calibrated on" not in output

@@ -95,8 +95,10 @@ def test_one_and_two_ranks_agree(two_rank_run, batch8_config, tmp_path):
 
 def test_halted_and_resumed_run_matches_uninterrupted(two_rank_run, batch8_config, tmp_path):
     out = tmp_path / "resumed"
-    check(run_train([*common(batch8_config, out), "--halt_at_step", "6"], ranks=2))
+    halted = run_train([*common(batch8_config, out), "--halt_at_step", "6"], ranks=2)
+    assert halted.returncode == 75, halted.stderr[-3000:]  # stopped early: a distinct exit code, no final files
     assert max(losses(out)) == 6
+    assert not (out / "adapter").exists() and not (out / "final_metrics.json").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000006"
     proc = check(run_train([*common(batch8_config, out), "--resume"], ranks=2))
     assert "resumed from" in proc.stdout + proc.stderr

@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from torch import nn
 from megaspec.dist import plan_digest
 from megaspec.dist.comm import rank, world_size
 from megaspec.model import CONFIG_NAME, WEIGHTS_NAME, adapters_of, save_adapter
+from megaspec.train.errors import write_failed
 
 logger = logging.getLogger(__name__)
 
@@ -260,19 +262,33 @@ def save_checkpoint(
     root = Path(output_dir) / CHECKPOINTS
     tag = step_tag(step)
     tmp, final = root / f"{TMP_PREFIX}{tag}", root / tag
+    last_good = read_latest(root)
+
+    def guarded(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn, with a failed write (disk full, I/O error) turned into one WriteFailed line (issue 15)."""
+
+        def run() -> Any:
+            try:
+                return fn()
+            except Exception as exc:
+                raise write_failed(exc, f"checkpoint {tag}", root, last_good) from exc
+
+        return run
 
     def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
-    _on_rank0(prepare)
+    _on_rank0(guarded(prepare))
     # Collective under ZeRO-3. exclude_frozen_parameters: otherwise every rank also writes its
     # shard of the frozen base ("frozen_param_fragments"), i.e. the whole base model per save.
     # save_latest=True is harmless here (engine/latest names the one tag inside this checkpoint
     # and survives the rename) and needed: loading with load_optimizer_states=False or
     # load_module_only=True, and zero_to_fp32.py, find the tag only through that file.
-    engine.save_checkpoint(str(tmp / "engine"), tag=tag, save_latest=True, exclude_frozen_parameters=True)
-    save_adapter(model, tmp / "adapter")  # collective gather, rank 0 writes
+    # A rank whose write fails raises at once: its peers wait in DeepSpeed's barrier until the
+    # launcher (deepspeed, torchrun, srun --kill-on-bad-exit) ends them on this rank's exit 2.
+    guarded(lambda: engine.save_checkpoint(str(tmp / "engine"), tag=tag, save_latest=True, exclude_frozen_parameters=True))()
+    guarded(lambda: save_adapter(model, tmp / "adapter"))()  # collective gather, rank 0 writes
     rngs = _gather_to_rank0(rng_state())
     adapters = adapters_of(model)
     state = {
@@ -288,26 +304,46 @@ def save_checkpoint(
         (tmp / TRAINER_STATE).write_text(json.dumps({**state, "rng": rngs}, indent=1))
         _publish(tmp, final, step, keep)
 
-    _on_rank0(finish)
+    _on_rank0(guarded(finish))
     return final
 
 
 # --- find and load -----------------------------------------------------------------------------
-def _find_latest(root: Path) -> Path | None:
-    """The checkpoint named by `latest` if it verifies, else the highest verifying step (rank 0)."""
+def read_latest(root: Path) -> str | None:
+    """The step tag `latest` names, or None when it is missing or not a step tag (garbage bytes, a torn write)."""
+    try:
+        text = (root / LATEST).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _STEP_DIR.fullmatch(text) else None
+
+
+def scan_checkpoints(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from and every newer one rejected with its reason (rank 0).
+
+    The one `latest` names comes first when it verifies; otherwise (missing, garbage, or naming
+    a checkpoint that fails verification) the highest step that verifies.
+    """
     candidates = [p for _, p in _step_dirs(root)]
-    latest = root / LATEST
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
+    named = read_latest(root)
+    if named is not None and root / named in candidates:
+        candidates.remove(root / named)
+        candidates.insert(0, root / named)
+    rejected = []
     for path in candidates:
         problem = _manifest_problem(path)
         if problem is None:
-            return path
+            return path, rejected
+        rejected.append((path, problem))
+    return None, rejected
+
+
+def _find_latest(root: Path) -> Path | None:
+    """The checkpoint named by `latest` if it verifies, else the highest verifying step (rank 0)."""
+    found, rejected = scan_checkpoints(root)
+    for path, problem in rejected:
         logger.warning("skipping checkpoint %s: %s", path, problem)
-    return None
+    return found
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -318,6 +354,48 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """
     found = _on_rank0(lambda: _find_latest(Path(output_dir) / CHECKPOINTS))
     return None if found is None else Path(found)
+
+
+class NothingToResume(ValueError):
+    """--resume found no usable checkpoint; the message names what was found and why each was rejected."""
+
+
+def resume_checkpoint(output_dir: str | Path) -> Path:
+    """The checkpoint `--resume` continues from, or NothingToResume in one line; collective (rank 0 decides).
+
+    Never guesses: a missing folder, a folder without checkpoints and a folder whose every
+    checkpoint fails verification are all refused (issue 15: a silent fresh start would then
+    prune the old checkpoints). Leftover `.tmp-*` saves of an interrupted run (a crash or a
+    full disk) are removed here. Checkpoints newer than the one chosen are reported on stderr.
+    """
+    out = Path(output_dir)
+    root = out / CHECKPOINTS
+
+    def decide() -> Path:
+        if not out.is_dir():
+            raise NothingToResume(f"--resume: {out} does not exist, so there is nothing to resume; drop --resume to start a new run")
+        steps = _step_dirs(root)
+        if not steps:
+            raise NothingToResume(
+                f"--resume: {out} holds no checkpoint ({root} has no step-* folder); drop --resume to start a new "
+                "run there (with --overwrite if it holds files of a run), or point --output_dir at the run to continue"
+            )
+        found, rejected = scan_checkpoints(root)
+        reasons = "; ".join(f"{path.name}: {problem}" for path, problem in rejected)
+        if found is None:
+            raise NothingToResume(
+                f"--resume: no usable checkpoint in {root} ({reasons}); nothing was changed: restore the files, or "
+                "move the folder away and start a new run"
+            )
+        if rejected:
+            print(f"megaspec: warning: resuming from {found.name}, skipping newer checkpoints that fail verification "
+                  f"({reasons})", file=sys.stderr, flush=True)
+        for leftover in root.glob(f"{TMP_PREFIX}*"):
+            logger.warning("removing %s, left by an interrupted save", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        return found
+
+    return Path(_on_rank0(decide))
 
 
 def load_checkpoint(engine: Any, path: str | Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -62,7 +62,9 @@ def resolve_ds_config(config: dict[str, Any], *, lr: float, max_steps: int, warm
     fill(sched, "warmup_max_lr", lr)
     fill(sched, "warmup_min_lr", 0.0)
     fill(sched, "warmup_num_steps", warmup_steps)
-    fill(sched, "total_num_steps", max(max_steps, warmup_steps + 1))
+    # update k runs at the scheduler's iteration k (loop.align_lr_schedule): with max_steps + 1 the
+    # last update still has a non-zero LR under WarmupDecayLR
+    fill(sched, "total_num_steps", max(max_steps + 1, warmup_steps + 1))
     if "scheduler" in cfg:
         sched.setdefault("warmup_type", "linear")
     zero = cfg.get("zero_optimization", {})

@@ -30,15 +30,19 @@ from megaspec.quant import (
     zero_weight_quantization,
 )
 from megaspec.train.checkpoint import (
+    CHECKPOINTS,
     config_hash,
-    latest_checkpoint,
     load_checkpoint,
     positions_digest,
+    read_latest,
+    resume_checkpoint,
     save_checkpoint,
 )
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
+from megaspec.train.errors import write_failed
+from megaspec.train.heartbeat import Heartbeat
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress_bar
 
 logger = logging.getLogger("megaspec")
@@ -106,6 +110,27 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
+        release_shm_buffers()
+
+
+def release_shm_buffers() -> list[Path]:
+    """Unlink this rank's /dev/shm all-reduce buffer (DeepSpeed's CPU backend) once every rank has mapped it.
+
+    DeepSpeed creates one 66 MB file per rank, named by uid, MASTER_ADDR, MASTER_PORT and rank,
+    and every rank maps every peer's file while the process group forms. Unlinked after a barrier,
+    the mappings stay valid and the memory goes back when the job ends, however it ends (issue 15:
+    they piled up in /dev/shm after every job, SIGKILL included). Returns the paths removed.
+    """
+    if world_size() > 1:
+        dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
+    )
+    path = Path("/dev/shm") / name
+    if not path.exists():
+        return []
+    path.unlink(missing_ok=True)
+    return [path]
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -278,7 +303,7 @@ class StopSignal:
 CALIBRATION_SEED_OFFSET = 1_000_000  # S2FT's estimate draws its own batches: the training order is unchanged
 
 
-def calibrate_or_restore(engine: Any, cfg: TrainConfig, out: Path, train_set: Any, micro: int, accum: int) -> dict[str, Any]:
+def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train_set: Any, micro: int, accum: int) -> dict[str, Any]:
     """Plan the data-planned adapters (S2FT) through the engine, or restore the resumed checkpoint's plan.
 
     The estimate takes s2ft_estimate_steps optimizer steps' worth of micro-batches (accum per rank
@@ -287,7 +312,6 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, out: Path, train_set: An
     load_checkpoint checks the plan digest before the engine state (which also holds the module's
     buffers) is loaded.
     """
-    ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is not None:
         load_plans(engine.module, ckpt / "adapter")
         info: dict[str, Any] = {"calibration": {"restored_from": str(ckpt)}}
@@ -302,16 +326,27 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, out: Path, train_set: An
     return info
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the job; returns the final metrics (on every rank)."""
-    import deepspeed
-
+def train(cfg: TrainConfig, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+    """Run the job; returns the final metrics (on every rank), with "stopped": True when a signal or halt_at_step ended it early."""
     raw_ds = read_ds_config(cfg.ds_config)
     init_distributed()
+    beat = heartbeat or Heartbeat.from_env()
+    try:
+        return _run(cfg, raw_ds, beat)
+    finally:
+        beat.stop()
+
+
+def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str, Any]:
+    """train() after the process group and the heartbeat exist."""
+    import deepspeed
+
+    beat.phase("setup (loading the tokenizer, model and data, planning the adapters)")
     model_path = cfg.model or str(embedded_base())
     tokenizer = load_tokenizer(cfg.tokenizer or _model_tokenizer(model_path))
     out = resolve_output_dir(cfg)
     _check_output_dir(out, cfg)
+    ckpt = resume_checkpoint(out) if cfg.resume else None  # refuses, in one line, when there is nothing usable
     lr = cfg.learning_rate()
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
 
@@ -334,19 +369,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     _create_output_dir(out, cfg)
     expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": model_path}
     if calibrating(adapters_of(model)):
-        summary.plan.update(calibrate_or_restore(engine, cfg, out, train_set, micro, accum))
+        summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, micro, accum))
 
     start_step = 0
     guard = NonFiniteGuard(cfg.max_skipped_steps)
-    if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is not None:
-            state = load_checkpoint(engine, ckpt, expected=expected)
-            start_step = int(state["step"])
-            guard.skipped = int(state.get("skipped_steps", 0))
-            if rank() == 0:
-                print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    _write_run_files(out, cfg, ds_config, summary)
+    if ckpt is not None:
+        state = load_checkpoint(engine, ckpt, expected=expected)
+        start_step = int(state["step"])
+        guard.skipped = int(state.get("skipped_steps", 0))
+        if rank() == 0:
+            print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    align_lr_schedule(engine, start_step)
+    _write_run_files(out, cfg, ds_config, summary, continuing=ckpt is not None and start_step < cfg.max_steps)
 
     run_log = RunLogger(out, resume_step=start_step if cfg.resume else None)
     stop = StopSignal()
@@ -356,64 +390,124 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     step = start_step
     engine.train()
-    while step < cfg.max_steps:
-        t0 = time.perf_counter()
-        losses, tokens = [], 0.0
-        owed = 0  # engine.step() calls of skipped micro-batches, made once a finite one follows
-        for _ in range(accum):
-            batch = _to_device(next(batches), device)
-            loss = engine(**batch).loss
-            if not guard.finite(loss, step + 1):
-                owed += 1
-                continue
-            owed = _catch_up(engine, owed)
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            tokens += float(batch["attention_mask"].sum())
-        if losses:
-            _catch_up(engine, owed)
-        step += 1
-        guard.end_step(skipped=not losses)
-        elapsed = time.perf_counter() - t0
-        loss_value = _mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
-        tokens = _sum_over_ranks([tokens])[0]
-        metrics = {
-            "loss": loss_value,
-            "lr": engine.get_lr()[0],
-            "grad_norm": _grad_norm(engine) if losses else float("nan"),
-            "skipped_steps": guard.skipped,
-            "tokens_per_s": tokens / elapsed,
-            "step_time": elapsed,
-        }
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and len(eval_set):
-            metrics.update(evaluate(engine, eval_set, micro, cfg.eval_batches))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or "eval_loss" in metrics:
-            tensors = gathered_adapter_tensors(model)
-            run_log.log_scalars(step, metrics)
-            run_log.log_spectral(step, model, tensors)
-            if step % cfg.image_every == 0 or step == cfg.max_steps or step == start_step + 1:
-                run_log.log_spectral_images(step, model, tensors)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if guard.diverged():
-            bar.close()
-            run_log.close()
-            raise TrainingDiverged(guard.message(step))
-        stopping = stop.agreed() or step == cfg.halt_at_step
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-            save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum, "skipped_steps": guard.skipped}, keep=cfg.keep_checkpoints)
-        if stopping:
-            if rank() == 0:
-                print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
-            break
-    bar.close()
-    save_adapter(model, out / "adapter")
-    run_log.close()
+    try:
+        while step < cfg.max_steps:
+            beat.phase(f"step {step + 1} (forward, backward, optimizer)")
+            t0 = time.perf_counter()
+            lr_used = engine.get_lr()[0]  # the LR this step's optimizer update applies (the scheduler moves after it)
+            losses, tokens = [], 0.0
+            owed = 0  # engine.step() calls of skipped micro-batches, made once a finite one follows
+            for _ in range(accum):
+                batch = _to_device(next(batches), device)
+                loss = engine(**batch).loss
+                if not guard.finite(loss, step + 1):
+                    owed += 1
+                    continue
+                owed = _catch_up(engine, owed)
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss.detach()))
+                tokens += float(batch["attention_mask"].sum())
+            if losses:
+                _catch_up(engine, owed)
+            step += 1
+            guard.end_step(skipped=not losses)
+            if losses and not coefficients_finite(trainable):
+                raise TrainingDiverged(
+                    f"adapter parameters became non-finite in the optimizer update of step {step} (lr {lr_used:.3g}); "
+                    f"{_kept(out)}: lower --lr (or check the data), then --resume"
+                )
+            elapsed = time.perf_counter() - t0
+            loss_value = _mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
+            tokens = _sum_over_ranks([tokens])[0]
+            metrics = {
+                "loss": loss_value,
+                "lr": lr_used,
+                "grad_norm": _grad_norm(engine) if losses else float("nan"),
+                "skipped_steps": guard.skipped,
+                "tokens_per_s": tokens / elapsed,
+                "step_time": elapsed,
+            }
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and len(eval_set):
+                beat.phase(f"eval at step {step}")
+                metrics.update(evaluate(engine, eval_set, micro, cfg.eval_batches))
+            if step % cfg.log_every == 0 or step == cfg.max_steps or "eval_loss" in metrics:
+                beat.phase(f"logging step {step}")
+                tensors = gathered_adapter_tensors(model)
+                run_log.log_scalars(step, metrics)
+                run_log.log_spectral(step, model, tensors)
+                if step % cfg.image_every == 0 or step == cfg.max_steps or step == start_step + 1:
+                    run_log.log_spectral_images(step, model, tensors)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if guard.diverged():
+                raise TrainingDiverged(guard.message(step))
+            stopping = stop.agreed() or step == cfg.halt_at_step
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+                beat.phase(f"checkpoint of step {step}")
+                save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum, "skipped_steps": guard.skipped}, keep=cfg.keep_checkpoints)
+            if stopping:
+                bar.close()
+                if rank() == 0:
+                    print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
+                return {**metrics, "step": step, "output_dir": str(out), "trainable": summary.trainable, "stopped": True}
+    finally:  # the bar ends its line before any error line; logs are flushed whatever ends the loop
+        bar.close()
+        run_log.close()
+    beat.phase("writing the final adapter")
     final = {**metrics, "step": step, "output_dir": str(out), "trainable": summary.trainable}
-    if rank() == 0:
-        (out / "final_metrics.json").write_text(json.dumps(final, indent=1))
+    _write_final(model, out, final)
     return final
+
+
+def align_lr_schedule(engine: Any, step: int) -> None:
+    """Set the LR of optimizer step `step + 1` to the scheduler's iteration `step + 1`.
+
+    DeepSpeed's schedulers start at iteration -1 (min LR) and step after each update, so left
+    alone the first two updates both run at warmup_min_lr (0 by default: two wasted steps), and
+    get_lr() after a step is the next step's LR (issue 15). Here update k runs at iteration k:
+    a linear warmup over W steps gives k/W of the peak at update k, reaching it at update W. After
+    a resume the checkpoint's iteration is set again, so the optimizer's LR follows it exactly.
+    """
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
+        scheduler.step(step + 1)
+
+
+def coefficients_finite(trainable: list[torch.nn.Parameter]) -> bool:
+    """Whether every trainable parameter is finite on every rank (this rank's ZeRO-3 partition; all-reduced)."""
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in trainable)
+    return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+
+
+def _kept(out: Path) -> str:
+    """'the last good checkpoint X is kept' or that none was written, for the divergence line."""
+    latest = read_latest(out / CHECKPOINTS) if rank() == 0 else None
+    return f"the last good checkpoint {out / CHECKPOINTS / latest} is kept" if latest else "no checkpoint was written"
+
+
+def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> None:
+    """adapter/ and final_metrics.json of a finished run, each put in place whole (temp name, then rename)."""
+    import shutil
+
+    tmp = out / ".tmp-adapter"
+
+    def write() -> None:
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp)  # collective gather, rank 0 writes
+        if rank() != 0:
+            return
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        os.replace(tmp, out / "adapter")
+        metrics_tmp = out / ".final_metrics.json.tmp"
+        metrics_tmp.write_text(json.dumps(final, indent=1))
+        os.replace(metrics_tmp, out / "final_metrics.json")
+
+    try:
+        write()
+    except OSError as exc:
+        raise write_failed(exc, "the final adapter", out, read_latest(out / CHECKPOINTS)) from exc
 
 
 def _grad_norm(engine: Any) -> float:
@@ -446,11 +540,59 @@ def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keep}
 
 
+# What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
+RUN_FILES = frozenset({
+    "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
+    "tensorboard", "train_config.json", ".tmp-adapter", ".final_metrics.json.tmp",
+})
+RUN_MARKERS = frozenset({"train_config.json", CHECKPOINTS, "metrics.jsonl"})
+
+
+def run_folder_problem(out: Path) -> str | None:
+    """Why `out` is not a megaspec run folder that --overwrite may delete, or None when it is one."""
+    entries = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in entries if name not in RUN_FILES]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        return f"it holds files megaspec did not write ({shown})"
+    if not RUN_MARKERS & set(entries):
+        return "it is not a megaspec run folder (no train_config.json, checkpoints/ or metrics.jsonl)"
+    return None
+
+
+def writable_problem(out: Path) -> str | None:
+    """Why nothing can be written at `out` (read-only, no permission, a file in the way), or None; leaves nothing behind."""
+    import tempfile
+
+    base = Path(out).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        return f"--output_dir {out}: {base} is a file, not a folder; choose another --output_dir"
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".megaspec-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"--output_dir {out} cannot be written ({exc.strerror} in {base}); choose a folder you can write to"
+    return None
+
+
 def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
-    """Refuse to mix two runs in one folder unless --resume or --overwrite says so (rank 0 decides)."""
+    """Refuse, before anything is loaded, a run folder this run must not write to (rank 0 decides).
+
+    A folder holding files needs --resume (continue) or --overwrite (replace), and --overwrite only
+    ever replaces a megaspec run folder (issue 15: it used to delete whatever the folder held).
+    """
     problem = None
-    if rank() == 0 and out.exists() and any(out.iterdir()) and not cfg.resume and not cfg.overwrite:
-        problem = f"--output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+    if rank() == 0:
+        problem = writable_problem(out)
+        if problem is None and out.is_dir() and any(out.iterdir()) and not cfg.resume:
+            if not cfg.overwrite:
+                problem = f"--output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            elif (reason := run_folder_problem(out)) is not None:
+                problem = (f"--overwrite refuses to delete {out}: {reason}; choose another --output_dir, or move "
+                           "those files away first")
     problem = all_gather_object(problem)[0]
     if problem:
         raise ConfigError(problem)
@@ -458,7 +600,7 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
 
 def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
     """Create (or, with --overwrite, recreate) the run folder once setup has succeeded."""
-    if cfg.overwrite and not cfg.resume and rank() == 0 and out.exists():
+    if cfg.overwrite and not cfg.resume and rank() == 0 and out.exists() and run_folder_problem(out) is None:
         import shutil
 
         shutil.rmtree(out)
@@ -468,9 +610,17 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
         dist.barrier()
 
 
-def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any) -> None:
+def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool) -> None:
+    """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end."""
     if rank() != 0:
         return
+    if continuing:
+        import shutil
+
+        # A run resumed past its earlier end (a larger --max_steps) is unfinished again: its old
+        # adapter/ and final_metrics.json would say otherwise (issue 15); the checkpoints hold that state.
+        (out / "final_metrics.json").unlink(missing_ok=True)
+        shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))

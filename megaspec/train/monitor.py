@@ -7,11 +7,13 @@ called on every rank (the others return after the gather); `log_scalars` never c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from tqdm import tqdm
 
 from megaspec.dist.comm import rank, world_size
 from megaspec.model import adapters_of
+from megaspec.train.checkpoint import CHECKPOINTS, read_latest
+from megaspec.train.errors import out_of_space, write_failed
 
 MAX_IMAGE_SIDE = 256
 # Gather adapter parameters in chunks of at most this many elements: a handful of collectives
@@ -197,6 +201,7 @@ class RunLogger:
         self.world_size = world_size()
         self.writer = None
         self.metrics = None
+        self.failed: set[str] = set()  # kinds of TensorBoard output that failed once (reported once)
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -218,11 +223,32 @@ class RunLogger:
         record.setdefault("memory", peak_memory_bytes())
         record.setdefault("world_size", self.world_size)
         record.setdefault("time", time.time())
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(scalar_tag(key), value, step)
+        try:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+        except OSError as exc:  # a full disk stops the run here, before its next checkpoint fails too
+            raise write_failed(exc, "metrics.jsonl", self.output_dir, read_latest(self.output_dir / CHECKPOINTS)) from exc
+        with self._best_effort("scalars", step):
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(scalar_tag(key), value, step)
+
+    @contextlib.contextmanager
+    def _best_effort(self, what: str, step: int) -> Iterator[None]:
+        """TensorBoard output never ends a run: a failure is reported once per kind and the run goes on.
+
+        Only a full disk is passed on (as WriteFailed), because the next checkpoint would fail too.
+        """
+        try:
+            yield
+        except Exception as exc:
+            if out_of_space(exc, self.output_dir):
+                raise write_failed(exc, f"TensorBoard {what}", self.output_dir,
+                                   read_latest(self.output_dir / CHECKPOINTS)) from exc
+            if what not in self.failed:
+                self.failed.add(what)
+                print(f"megaspec: warning: TensorBoard {what} at step {step} not written ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); training goes on", file=sys.stderr, flush=True)
 
     def log_spectral(
         self, step: int, model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]] | None = None
@@ -251,9 +277,14 @@ class RunLogger:
         if not values:
             return {}
         stats["spectral/global_norm"] = math.sqrt(sum(v**2 for k, v in stats.items() if k.startswith("spectral/norm/")))
-        for tag, value in stats.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.add_histogram("spectral/coeffs", torch.cat(values).numpy(), step)
+        with self._best_effort("spectral scalars", step):
+            for tag, value in stats.items():
+                self.writer.add_scalar(tag, value, step)
+        every = torch.cat(values)
+        finite = every[torch.isfinite(every)]  # TensorBoard's histogram fails on inf/NaN ("The histogram is empty")
+        if finite.numel():
+            with self._best_effort("histogram", step):
+                self.writer.add_histogram("spectral/coeffs", finite.numpy(), step)
         return stats
 
     def log_spectral_images(
@@ -268,11 +299,12 @@ class RunLogger:
         tags = layer_tags(list(adapters))
         written = []
         for name, adapter in adapters.items():
-            image = spectral_image(tensors[name], adapter.shape)
-            if image is not None:
-                tag = f"spectral/positions/{tags[name]}"
-                self.writer.add_image(tag, image.numpy(), step, dataformats="CHW")
-                written.append(tag)
+            with self._best_effort("images", step):
+                image = spectral_image(tensors[name], adapter.shape)
+                if image is not None:
+                    tag = f"spectral/positions/{tags[name]}"
+                    self.writer.add_image(tag, image.numpy(), step, dataformats="CHW")
+                    written.append(tag)
         return written
 
     def flush(self) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from megaspec.adapters import adapter_class
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
-from megaspec.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, config_hash
+from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
 from megaspec.train.data import (
     DataConfig,
     DataError,
@@ -31,7 +31,13 @@ from megaspec.train.data import (
     load_tokenizer,
 )
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config
-from megaspec.train.loop import TrainConfig, _model_tokenizer, _resume_keys
+from megaspec.train.loop import (
+    TrainConfig,
+    _model_tokenizer,
+    _resume_keys,
+    run_folder_problem,
+    writable_problem,
+)
 
 RUN_CONFIG = "train_config.json"
 
@@ -43,7 +49,6 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_numbers(cfg)
     raw_ds = read_ds_config(cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
-    check_output_dir(cfg)
     model_config = load_model_config(cfg.model)
     check_seq_len(cfg.seq_len, model_config)
     check_tokenizer(cfg, model_config)
@@ -52,6 +57,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
         check_quantize(cfg.quantize)
+    check_output_dir(cfg)  # last: every other input is known good before the folder's state is judged
     return warnings
 
 
@@ -172,9 +178,9 @@ def _latest_trainer_state(out: Path) -> dict[str, Any] | None:
     if not root.is_dir():
         return None
     tags = sorted((p.name for p in root.glob("step-*") if (p / TRAINER_STATE).is_file()), reverse=True)
-    latest = root / LATEST
-    if latest.is_file() and (root / latest.read_text().strip() / TRAINER_STATE).is_file():
-        tags.insert(0, latest.read_text().strip())
+    named = read_latest(root)  # None for garbage bytes: scan the step folders as when it is missing
+    if named is not None and (root / named / TRAINER_STATE).is_file():
+        tags.insert(0, named)
     for tag in tags:
         try:
             return json.loads((root / tag / TRAINER_STATE).read_text())
@@ -184,18 +190,32 @@ def _latest_trainer_state(out: Path) -> dict[str, Any] | None:
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
-    """Refuse to mix runs in one folder, and a --resume whose settings differ from the saved run's."""
+    """Refuse to mix runs in one folder, a --resume with nothing to resume or other settings, and --overwrite of a non-run folder."""
     if not cfg.output_dir:
         return  # runs/<time>-<method>, named after init; the loop checks it
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} is a file; pass a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
+    problem = writable_problem(out)
+    if problem:
+        raise ConfigError(problem)
+    holds_files = out.is_dir() and any(out.iterdir())
     if not cfg.resume:
-        if cfg.overwrite:
+        if not holds_files:
             return
-        raise ConfigError(f"--output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        if not cfg.overwrite:
+            raise ConfigError(f"--output_dir {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        reason = run_folder_problem(out)
+        if reason:
+            raise ConfigError(f"--overwrite refuses to delete {out}: {reason}; choose another --output_dir, or move "
+                              "those files away first")
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--resume: {out} does not exist, so there is nothing to resume; drop --resume to start a new run")
+    if not any((out / CHECKPOINTS).glob("step-*")):
+        raise ConfigError(f"--resume: {out} holds no checkpoint ({out / CHECKPOINTS} has no step-* folder); drop --resume "
+                          "to start a new run there (with --overwrite if it holds files of a run), or point --output_dir "
+                          "at the run to continue")
     wanted = _resume_keys(cfg)
     saved_cfg = None
     if (out / RUN_CONFIG).is_file():
