@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ from megaspec.train.data import (
     load_records,
     load_tokenizer,
 )
-from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config
+from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
 from megaspec.train.loop import TrainConfig, _model_tokenizer, _resume_keys
 
 RUN_CONFIG = "train_config.json"
@@ -42,6 +43,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     adapter_class(cfg.method)  # "unknown method 'x'; choose one of [...]"
     check_numbers(cfg)
     raw_ds = read_ds_config(cfg.ds_config)
+    check_ds_numbers(raw_ds, cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
     check_output_dir(cfg)
     model_config = load_model_config(cfg.model)
@@ -59,15 +61,22 @@ def validate(cfg: TrainConfig) -> list[str]:
 def check_numbers(cfg: TrainConfig) -> None:
     """Counts and rates that must be positive (the rest is checked by the method's own adapter)."""
     positive = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "save_every": cfg.save_every,
-                "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints}
+                "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints,
+                "rank": cfg.rank, "s2ft_estimate_steps": cfg.s2ft_estimate_steps}
+    if cfg.halt_at_step is not None:
+        positive["halt_at_step"] = cfg.halt_at_step
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} {value} must be at least 1")
     for name in ("eval_every", "eval_batches", "max_skipped_steps"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be 0 or more")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ConfigError(f"--lr {cfg.lr} must be positive")
+    rates = {"lr": cfg.lr, "scale": cfg.scale, "alpha": cfg.alpha}  # None: the method's default
+    for name, value in rates.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name} {value} must be a finite number above 0")
+    if not 0 <= cfg.energy_ratio <= 1:  # also false for nan
+        raise ConfigError(f"--energy_ratio {cfg.energy_ratio} must be within [0, 1]")
     if cfg.seq_len < 2:
         raise ConfigError(f"--seq_len {cfg.seq_len} is too short; use at least 2 tokens")
     if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter) and cfg.n_coeffs < 1:
