@@ -1,7 +1,7 @@
 """Check a run's arguments against its files before any distributed work starts.
 
 Every check reads only the arguments and small files (JSON configs, the model's config.json, the
-tokenizer, a dataset's first record or schema, a run folder's saved state), so a bad input fails
+tokenizer, a dataset file read once without tokenizing, a run folder's saved state), so a bad input fails
 in seconds with one ConfigError/DataError line, before a process group exists and before the
 run folder is created or (with --overwrite) removed. The loop repeats the checks it can only do
 collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
@@ -22,11 +22,14 @@ import torch
 
 from megaspec.adapters import adapter_class
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.checkpoint import CHECKPOINTS, LATEST, TRAINER_STATE, config_hash
 from megaspec.train.data import (
+    FILE_BUILDERS,
     DataConfig,
     DataError,
     _looks_like_path,
+    check_dataset_file,
     detect_format,
     load_records,
     load_tokenizer,
@@ -246,11 +249,33 @@ def load_model_config(model: str | None) -> Any:
         raise ConfigError(f"--model {model} is a file; pass the HF model folder that holds config.json")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"--model {model} has no config.json; pass a folder written by save_pretrained")
+    if path.is_dir():
+        check_model_type(_model_type_in(path / "config.json"), model)
     try:
-        return AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"--model {model}: cannot read its config ({type(e).__name__}: {first}); check the path or hub id") from e
+    check_model_type(getattr(config, "model_type", None), model)
+    return config
+
+
+def _model_type_in(config_file: Path) -> str | None:
+    """The model_type a local config.json declares (ConfigError if it is not a JSON object)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--model: {config_file} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--model: {config_file} must hold a JSON object, not {type(config).__name__}")
+    return config.get("model_type")
+
+
+def check_model_type(model_type: str | None, model: str) -> None:
+    """The adapters find their layers by LLaMA's projection names: refuse other architectures before any download or load."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"--model {model} is a {model_type or 'model without model_type'}; megaspec supports LLaMA-style "
+                          f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}) whose layers have q/k/v/o_proj and gate/up/down_proj")
 
 
 def check_seq_len(seq_len: int, model_config: Any) -> None:
@@ -304,6 +329,8 @@ def dataset_columns(dataset: str) -> list[str] | None:
             return None
         return list(load_records(dataset).column_names)  # memory-mapped: cheap
     suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        load_records(dataset)  # raises the "unsupported type" DataError
     if suffix == ".txt":
         return ["text"]
     if suffix == ".parquet":
@@ -328,12 +355,15 @@ def dataset_columns(dataset: str) -> list[str] | None:
 
 
 def check_dataset(dataset: str | None) -> None:
-    """A local dataset has the fields the loop needs (the embedded default always does)."""
+    """A local dataset has the fields the loop needs in every record (the embedded default always does)."""
     if dataset is None:
         return
     columns = dataset_columns(dataset)
+    cfg = DataConfig(dataset=dataset, format="auto")
     if columns is not None:
-        detect_format(columns, DataConfig(dataset=dataset, format="auto"))
+        detect_format(columns, cfg)
+    if Path(dataset).expanduser().is_file():
+        check_dataset_file(dataset, cfg)  # the whole file, streamed: a bad record 10k lines in fails here, not after planning
 
 
 # --- quantization ------------------------------------------------------------------------------
