@@ -111,6 +111,7 @@ def device(text: str) -> str:
 
 
 def megaspec_methods() -> list[str]:
+    """The registered methods (params, memory, throughput run only these)."""
     return registered_methods()
 
 
@@ -120,10 +121,12 @@ def compared_methods() -> list[str]:
 
 
 def model_names() -> list[str]:
+    """The model shapes the benchmarks know (LLAMA_CONFIGS)."""
     return list(LLAMA_CONFIGS)
 
 
 def precisions() -> list[str]:
+    """The frozen-base precisions bench memory computes."""
     from megaspec.benchmarks.memory import PRECISIONS
 
     return list(PRECISIONS)

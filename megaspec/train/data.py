@@ -184,7 +184,7 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            yield f"line {number}", json.loads(line)
+            yield f"line {number}", json.loads(line.rstrip("\r\n"))  # columns then count within the line
         except json.JSONDecodeError as e:
             raise DataError(f"dataset file {path} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
                             "fix or remove that line") from None

@@ -1,8 +1,8 @@
 """Check a run's arguments against its files before any distributed work starts.
 
-Every check reads only the arguments and small files (JSON configs, the model's config.json, the
-tokenizer, a dataset file read once without tokenizing, a run folder's saved state), so a bad input fails
-in seconds with one ConfigError/DataError line, before a process group exists and before the
+Every check reads only the arguments and files, never weights (JSON configs, the model's config.json,
+the tokenizer, a local dataset file streamed once without tokenizing, a run folder's saved state), so a
+bad input fails in seconds with one ConfigError/DataError line, before a process group exists and before the
 run folder is created or (with --overwrite) removed. The loop repeats the checks it can only do
 collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
 """
