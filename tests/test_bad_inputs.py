@@ -79,6 +79,7 @@ GOOD = [{"prompt": f"Q{i}: ", "response": f"A{i}"} for i in range(60)]
 
 def write_train_files(ws: Path) -> None:
     """Datasets, DeepSpeed configs and a GPT-2 folder that the train rows point at."""
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -91,6 +92,9 @@ def write_train_files(ws: Path) -> None:
     (ws / "array.json").write_text('[\n  {"text": "a"},\n  {"text": "b",\n]\n')
     (ws / "extra_field.csv").write_text("prompt,response\nQ1,A1\nQ2,A2,surplus\n")
     pq.write_table(pa.table({"text": [["a"], ["b"]]}), ws / "list_text.parquet")
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(100)]}), ws / "cut.parquet")
+    (ws / "cut.parquet").write_bytes((ws / "cut.parquet").read_bytes()[:-40])
+    datasets.Dataset.from_dict({"prompt": ["Q"] * 4, "response": [[1, 2]] * 4}).save_to_disk(str(ws / "saved"))
     good = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     for name, change in {
         "micro_four.json": lambda c: c.update(train_micro_batch_size_per_gpu="four"),
@@ -141,6 +145,8 @@ TRAIN = [
     Case("dataset_json_array_broken", "train", train("--dataset", "WS/array.json"), "array.json line 4 is not valid JSON"),
     Case("dataset_csv_extra_field", "train", train("--dataset", "WS/extra_field.csv"), "extra_field.csv line 3 has 3 fields but the header has 2"),
     Case("dataset_parquet_list_text", "train", train("--dataset", "WS/list_text.parquet"), "list_text.parquet: field 'text' holds list<"),
+    Case("dataset_parquet_cut", "train", train("--dataset", "WS/cut.parquet"), "cut.parquet is not a readable parquet file"),
+    Case("dataset_saved_list_field", "train", train("--dataset", "WS/saved"), "field 'response' holds List(Value('int64')) values, not strings"),
     Case("ds_micro_batch_text", "train", train("--ds_config", "WS/micro_four.json"), 'train_micro_batch_size_per_gpu is "four" but must be a whole number of 1 or more'),
     Case("ds_accumulation_zero", "train", train("--ds_config", "WS/accum_zero.json"), "gradient_accumulation_steps is 0"),
     Case("ds_clipping_text", "train", train("--ds_config", "WS/clip_text.json"), 'gradient_clipping is "1.0" but must be a number of 0 or more'),

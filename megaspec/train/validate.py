@@ -31,6 +31,7 @@ from megaspec.train.data import (
     _looks_like_path,
     check_dataset_file,
     detect_format,
+    format_fields,
     load_records,
     load_tokenizer,
 )
@@ -358,12 +359,26 @@ def check_dataset(dataset: str | None) -> None:
     """A local dataset has the fields the loop needs in every record (the embedded default always does)."""
     if dataset is None:
         return
-    columns = dataset_columns(dataset)
     cfg = DataConfig(dataset=dataset, format="auto")
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.suffix.lower() in FILE_BUILDERS:
+        check_dataset_file(path, cfg)  # the whole file, streamed: a bad record 10k lines in fails here, not after planning
+    columns = dataset_columns(dataset)
     if columns is not None:
         detect_format(columns, cfg)
-    if Path(dataset).expanduser().is_file():
-        check_dataset_file(dataset, cfg)  # the whole file, streamed: a bad record 10k lines in fails here, not after planning
+    if path.is_dir() and columns is not None:
+        check_saved_fields(dataset, cfg)
+
+
+def check_saved_fields(dataset: str, cfg: DataConfig) -> None:
+    """A saved datasets folder's text fields are typed as strings (its features say so without reading rows)."""
+    from datasets import Value
+
+    features = load_records(dataset).features
+    for name in format_fields(list(features), cfg):
+        feature = features[name]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")):
+            raise DataError(f"saved dataset {dataset}: field '{name}' holds {feature} values, not strings; make it text")
 
 
 # --- quantization ------------------------------------------------------------------------------
