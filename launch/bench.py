@@ -16,27 +16,120 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
-from megaspec.benchmarks.common import LLAMA_CONFIGS, machine, parse_methods, table
+from megaspec.benchmarks.common import LLAMA_CONFIGS, machine, parse_methods, registered_methods, table
 from megaspec.train.dsconfig import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line on stderr (exit 2), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"bench: error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
-def _shape(text: str) -> tuple[int, int]:
-    m, n = (int(v) for v in text.lower().split("x"))
-    return m, n
+def count(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number of at least `low`."""
+    def integer(text: str) -> int:
+        value = int(text)  # ValueError: argparse says "invalid integer value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low}")
+        return value
+    return integer
+
+
+def counts(low: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: comma-separated whole numbers, each at least `low`."""
+    one = count(low)
+
+    def integers(text: str) -> tuple[int, ...]:
+        return tuple(one(v) for v in text.split(","))
+    return integers
+
+
+def positive(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1]")
+    return value
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    """argparse type: comma-separated OUTxIN layer shapes such as 4096x4096,4096x14336."""
+    out = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or min(int(p) for p in parts) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a layer shape; write OUTxIN with both at least 1, e.g. 4096x4096")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
+def one_of(valid: Callable[[], list[str]], what: str) -> Callable[[str], list[str] | None]:
+    """argparse type: a comma-separated subset of valid(); 'all' gives None (no filter)."""
+    def names(text: str) -> list[str] | None:
+        chosen = parse_methods(text)
+        unknown = [n for n in chosen or () if n not in valid()]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(valid())}")
+        return chosen
+    return names
+
+
+def device(text: str) -> str:
+    """argparse type: cpu, or cuda / cuda:N when this machine has a CUDA GPU."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu or cuda") from None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA GPU; use --device cpu")
+    return text
+
+
+def megaspec_methods() -> list[str]:
+    """The registered methods (params, memory, throughput run only these)."""
+    return registered_methods()
+
+
+def compared_methods() -> list[str]:
+    """Registered methods and the peft baselines that overhead and quality also run."""
+    return [*registered_methods(), "peft_lora", "peft_fourierft"]
+
+
+def model_names() -> list[str]:
+    """The model shapes the benchmarks know (LLAMA_CONFIGS)."""
+    return list(LLAMA_CONFIGS)
+
+
+def precisions() -> list[str]:
+    """The frozen-base precisions bench memory computes."""
+    from megaspec.benchmarks.memory import PRECISIONS
+
+    return list(PRECISIONS)
 
 
 def _modes(text: str) -> str:
@@ -58,13 +151,12 @@ def overhead(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import overhead as bench
 
     rows = []
-    for shape in args.shapes.split(","):
-        m, n = _shape(shape)
+    for m, n in args.shapes:
         if args.device == "cpu" and "full" in args.modes and 4 * m * n * args.tokens > 1e12:
-            print(f"note: {shape} at {args.tokens} tokens is {4 * m * n * args.tokens / 1e12:.1f} TFLOP per frozen "
+            print(f"note: {m}x{n} at {args.tokens} tokens is {4 * m * n * args.tokens / 1e12:.1f} TFLOP per frozen "
                   "step; on a CPU pass a smaller --tokens", file=sys.stderr)
-        rows += bench.run(_shape(shape), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
-                          parse_methods(args.methods), synthetic=not args.real_svd, settle=args.settle,
+        rows += bench.run((m, n), args.tokens, args.reps, args.warmup, args.device, getattr(torch, args.dtype),
+                          args.methods, synthetic=not args.real_svd, settle=args.settle,
                           modes=tuple(args.modes.split(",")), only=args.variants)
     return rows, bench.format_table(rows)
 
@@ -72,14 +164,14 @@ def overhead(args: argparse.Namespace) -> tuple[Any, str]:
 def crossover(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import crossover as bench
 
-    rows = bench.run([_shape(s) for s in args.shapes.split(",")], _ints(args.n), _ints(args.tokens), args.reps, args.threads)
+    rows = bench.run(args.shapes, args.n, args.tokens, args.reps, args.threads)
     return rows, bench.format_table(rows)
 
 
 def params(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import params as bench
 
-    rows = bench.run(args.models.split(","), parse_methods(args.methods))
+    rows = bench.run(args.models, args.methods)
     return rows, table(rows, bench.COLUMNS)
 
 
@@ -89,67 +181,73 @@ def memory(args: argparse.Namespace) -> tuple[Any, str]:
     if args.validate:
         rows = bench.validate()
         return rows, table(rows, bench.VALIDATE_COLUMNS)
-    result = bench.run(args.models.split(","), tuple(args.precisions.split(",")), _ints(args.world_sizes),
-                       args.micro_batch, args.seq_len, parse_methods(args.methods))
+    result = bench.run(args.models, tuple(args.precisions), args.world_sizes, args.micro_batch, args.seq_len, args.methods)
     return result, bench.format_table(result)
 
 
 def selection(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import selection as bench
 
-    result = bench.run(args.model, args.dtype, args.n_coeffs, args.energy_ratio, _ints(args.world_sizes), args.threads,
-                       _ints(args.ranks), args.rank_layers, args.rank_width, combine=not args.no_combine)
+    result = bench.run(args.model, args.dtype, args.n_coeffs, args.energy_ratio, args.world_sizes, args.threads,
+                       args.ranks, args.rank_layers, args.rank_width, combine=not args.no_combine)
     return result, bench.format_table(result)
 
 
 def quality(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import quality as bench
 
-    lrs = tuple(float(v) for v in args.lrs.split(",")) if args.lrs else None
-    rows = bench.run(args.steps, _ints(args.seeds), parse_methods(args.methods), lrs, args.jobs, args.threads,
+    rows = bench.run(args.steps, args.seeds, args.methods, args.lrs, args.jobs, args.threads,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     return rows, bench.format_table(rows)
 
 
-def throughput(args: argparse.Namespace) -> tuple[Any, str] | None:
+def throughput_inputs(args: argparse.Namespace) -> None:
+    """Read --ds_config and make sure there is a GPU, before the machine line: ConfigError if not."""
     from megaspec.benchmarks import throughput as bench
 
-    ds_config = None
+    args.ds = None
     if args.engine == "deepspeed":  # read first: a bad config is reported on any machine
-        from megaspec.train.dsconfig import read_ds_config
+        from megaspec.train.dsconfig import check_ds_numbers, read_ds_config
 
-        ds_config = read_ds_config(args.ds_config)
+        args.ds = read_ds_config(args.ds_config)
+        check_ds_numbers(args.ds, args.ds_config)
     if not torch.cuda.is_available():
-        print(bench.NO_CUDA)
-        return None
+        raise ConfigError(f"{bench.NO_CUDA} (run it on a GPU machine; the other subcommands run on CPU)")
+
+
+def throughput(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import throughput as bench
+
     settings = None
     if args.methods:
         from megaspec.benchmarks.common import paper_settings
 
-        settings = [bench.FROZEN, *paper_settings(parse_methods(args.methods))]
+        settings = [bench.FROZEN, *paper_settings(args.methods)]
     rows = bench.run(args.layers, args.batch, args.seq_len, args.steps, args.warmup, "cuda", getattr(torch, args.dtype),
-                     settings, args.peak_tflops, ds_config=ds_config)
+                     settings, args.peak_tflops, ds_config=args.ds)
     return rows, bench.format_table(rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="one JSON object (command, machine, date, result) instead of a table")
     models = ",".join(LLAMA_CONFIGS)
     methods_help = "comma-separated registered methods (and peft_lora, peft_fourierft where they apply); default all"
+    methods, with_peft = one_of(megaspec_methods, "method"), one_of(compared_methods, "method")
+    model_list = one_of(model_names, "model")
 
     p = sub.add_parser("overhead", parents=[common], help="forward+backward of a frozen linear alone and with each adapter")
-    p.add_argument("--shapes", default="4096x4096,4096x14336,8192x28672", help="comma-separated out x in shapes")
-    p.add_argument("--tokens", type=int, default=2048, help="B tokens per step (on CPU use fewer for 8192x28672)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default="4096x4096,4096x14336,8192x28672", type=shapes, help="comma-separated out x in shapes")
+    p.add_argument("--tokens", type=count(1), default=2048, help="B tokens per step (on CPU use fewer for 8192x28672)")
+    p.add_argument("--reps", type=count(1), default=5)
+    p.add_argument("--warmup", type=count(0), default=2)
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--methods", default=None, help=methods_help)
+    p.add_argument("--methods", type=with_peft, default=None, help=methods_help)
     p.add_argument("--real-svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
-    p.add_argument("--settle", type=int, default=1, help="untimed steps of a variant right before each timed one")
+    p.add_argument("--settle", type=count(0), default=1, help="untimed steps of a variant right before each timed one")
     p.add_argument("--modes", default="full,branch", type=_modes,
                    help="full (frozen matmul + adapter), branch (the adapter alone: frozen matmul swapped for zeros), or both")
     p.add_argument("--variants", default=None, type=_regex, metavar="REGEX",
@@ -157,82 +255,84 @@ def main() -> None:
     p.set_defaults(func=overhead)
 
     p = sub.add_parser("crossover", parents=[common], help="sparse-spectrum forward: FFT path vs building dW, by layer size")
-    p.add_argument("--shapes", default="64x64,128x128,256x256,512x512,1024x1024")
-    p.add_argument("--n", default="8,100,1000", help="comma-separated coefficient counts")
-    p.add_argument("--tokens", default="64,2048", help="comma-separated token counts B")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shapes", default="64x64,128x128,256x256,512x512,1024x1024", type=shapes)
+    p.add_argument("--n", default="8,100,1000", type=counts(1), help="comma-separated coefficient counts")
+    p.add_argument("--tokens", default="64,2048", type=counts(1), help="comma-separated token counts B")
+    p.add_argument("--reps", type=count(1), default=7)
+    p.add_argument("--threads", type=count(1), default=1)
     p.set_defaults(func=crossover)
 
     p = sub.add_parser("params", parents=[common], help="trainable parameters per method at its paper setting (meta device)")
-    p.add_argument("--models", default=models)
-    p.add_argument("--methods", default=None, help=methods_help)
+    p.add_argument("--models", default=models, type=model_list)
+    p.add_argument("--methods", type=methods, default=None, help=methods_help)
     p.set_defaults(func=params)
 
     p = sub.add_parser("memory", parents=[common], help="per-rank bytes: frozen base, activations, adapter state")
-    p.add_argument("--models", default=models)
-    p.add_argument("--precisions", default="bf16,nf4,nf4-dq,int8")
-    p.add_argument("--world-sizes", default="1,2,8,16,64")
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--methods", default=None, help=methods_help)
+    p.add_argument("--models", default=models, type=model_list)
+    p.add_argument("--precisions", default="bf16,nf4,nf4-dq,int8", type=one_of(precisions, "precision"))
+    p.add_argument("--world-sizes", default="1,2,8,16,64", type=counts(1))
+    p.add_argument("--micro-batch", type=count(1), default=1)
+    p.add_argument("--seq-len", type=count(1), default=4096)
+    p.add_argument("--methods", type=methods, default=None, help=methods_help)
     p.add_argument("--validate", action="store_true", help="formula vs measured bytes on tiny real models")
     p.set_defaults(func=memory)
 
     p = sub.add_parser("selection", parents=[common], help="time and peak memory of SSH planning, per layer and extrapolated")
     p.add_argument("--model", default="llama-3-70b", choices=sorted(LLAMA_CONFIGS))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the gathered weight")
-    p.add_argument("--n-coeffs", type=int, default=750)
-    p.add_argument("--energy-ratio", type=float, default=0.5)
-    p.add_argument("--world-sizes", default="1,8,16,64")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ranks", default="1,2", help="CPU rank counts of the measured ZeRO-3 run")
-    p.add_argument("--rank-layers", type=int, default=4)
-    p.add_argument("--rank-width", type=int, default=2048)
+    p.add_argument("--n-coeffs", type=count(1), default=750)
+    p.add_argument("--energy-ratio", type=fraction, default=0.5)
+    p.add_argument("--world-sizes", default="1,8,16,64", type=counts(1))
+    p.add_argument("--threads", type=count(1), default=2)
+    p.add_argument("--ranks", default="1,2", type=counts(1), help="CPU rank counts of the measured ZeRO-3 run")
+    p.add_argument("--rank-layers", type=count(1), default=4)
+    p.add_argument("--rank-width", type=count(1), default=2048)
     p.add_argument("--no-combine", action="store_true", help="skip the combine-step measurement")
     p.set_defaults(func=selection)
 
     p = sub.add_parser("quality", parents=[common], help="fine-tune the tiny pretrained LLaMA with every method at matched budgets")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default=None, help=methods_help)
-    p.add_argument("--lrs", default=None, help="a fixed lr list for every row instead of the sweep rule")
-    p.add_argument("--jobs", type=int, default=2, help="rows run in this many worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--steps", type=count(1), default=150)
+    p.add_argument("--seeds", default="0,1,2", type=counts(0))
+    p.add_argument("--methods", type=with_peft, default=None, help=methods_help)
+    p.add_argument("--lrs", default=None, type=lambda text: tuple(positive(v) for v in text.split(",")),
+                   help="a fixed lr list for every row instead of the sweep rule")
+    p.add_argument("--jobs", type=count(1), default=2, help="rows run in this many worker processes")
+    p.add_argument("--threads", type=count(1), default=1, help="torch threads per worker")
     p.set_defaults(func=quality)
 
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and MFU of a LLaMA-3.1-8B-shaped model on one GPU")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers to build (default all 32)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--layers", type=count(2), default=None, help="decoder layers to build (default all 32)")
+    p.add_argument("--batch", type=count(1), default=1)
+    p.add_argument("--seq-len", type=count(1), default=4096)
+    p.add_argument("--steps", type=count(1), default=10)
+    p.add_argument("--warmup", type=count(0), default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--methods", default=None, help="registered methods at their paper settings (default ssh, lora r=16)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of the GPU (default: by name)")
+    p.add_argument("--methods", type=methods, default=None, help="registered methods at their paper settings (default ssh, lora r=16)")
+    p.add_argument("--peak-tflops", type=positive, default=None, help="peak dense TFLOP/s of the GPU (default: by name)")
     p.add_argument("--engine", default="deepspeed", choices=["deepspeed", "plain"],
                    help="deepspeed: the trainer's ZeRO-3 engine on one rank (default); plain: PyTorch and AdamW alone")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"), help="DeepSpeed config of --engine deepspeed")
-    p.set_defaults(func=throughput)
+    p.set_defaults(func=throughput, inputs=throughput_inputs)
 
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "inputs"):
+            args.inputs(args)
+    except ConfigError as err:  # bad input: one line naming the problem and the fix
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
     header = machine()
     print(f"# {header}", file=sys.stderr)
     date = time.strftime("%Y-%m-%d")
-    try:
-        out = args.func(args)
-    except ConfigError as err:  # bad input: one line naming the problem and the fix
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if out is None:
-        return
-    result, text = out
+    result, text = args.func(args)
     if args.json:
-        print(json.dumps({"command": ["python", "launch/bench.py", *sys.argv[1:]], "machine": header, "date": date,
+        argv = sys.argv[1:] if argv is None else argv
+        print(json.dumps({"command": ["python", "launch/bench.py", *argv], "machine": header, "date": date,
                           "result": result}, indent=1, default=str))
     else:
         print(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

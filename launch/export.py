@@ -11,6 +11,7 @@ megaspec: the native adapter folder (a few hundred kB) with a model card.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -31,6 +32,14 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder written by launch/train.py (runs/X)")
@@ -40,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="peft: export as LoRA even when peft has the method (FourierFT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights' dtype (default: the base's; peft: float32)")
     p.add_argument("--adapter", default=None, help="adapter folder to export (default RUN/adapter; e.g. a checkpoint's)")
-    p.add_argument("--max_shard_size", type=float, default=5.0, help="merged: GB per safetensors shard")
+    p.add_argument("--max_shard_size", type=positive_float, default=5.0, help="merged: GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
@@ -56,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             args.run, args.out, args.format, rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
             overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3),
         )
-    except ExportError as e:
+    except (ExportError, OSError) as e:  # OSError: --out or the base became unreadable or unwritable mid-way
         if os.environ.get("RANK", "0") == "0":
-            print(f"export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            print(f"export: error: {one_line(e)}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
@@ -66,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # nobody tears down a connection that a peer's last collective still uses
         dist.destroy_process_group()
     return 0
+
+
+def one_line(error: Exception) -> str:
+    """An export error's first line; an OSError as its file and reason (the staged output was removed)."""
+    if not isinstance(error, OSError):
+        return str(error).splitlines()[0]
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}; nothing was written to --out"
 
 
 if __name__ == "__main__":

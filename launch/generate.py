@@ -7,6 +7,7 @@ launch/export.py) and prints the completion of the prompt. "\n" in --prompt is a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -35,7 +36,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    problem = sampling_problem(args)
+    if problem:
+        p.error(problem)
+    return args
+
+
+def sampling_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the decoding numbers, if anything (transformers would raise deep inside generate)."""
+    if args.max_new_tokens < 1:
+        return f"--max_new_tokens {args.max_new_tokens} must be at least 1"
+    if not 0 < args.top_p <= 1:  # also false for nan
+        return f"--top_p {args.top_p} must be in (0, 1]; 1 keeps every token"
+    if not args.greedy and not (math.isfinite(args.temperature) and args.temperature > 0):
+        return f"--temperature {args.temperature} must be a finite number above 0; pass --greedy for argmax decoding"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, tokenizer = load_for_inference(args.run, args.merged, args.adapter)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, ValueError) as e:  # ValueError: an adapter that does not fit the base
         print(f"generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     prompt = args.prompt.replace("\\n", "\n")

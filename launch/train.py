@@ -10,9 +10,18 @@ import argparse
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line on stderr (exit 2), not the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        say(f"megaspec: error: {message}")
+        sys.exit(2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from megaspec.train.loop import TrainConfig
 
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=d.ds_config, help="DeepSpeed JSON config")
     p.add_argument("--model", default=None, help="local HF model folder or hub id (default: embedded tiny LLaMA)")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder, sentencepiece tokenizer.model, or hub id")

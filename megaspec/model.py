@@ -21,6 +21,9 @@ from megaspec.dist import gather_params, plan_adapters
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 LAYERS_NAME = "adapter_layers.json"
+# Decoders whose layers hold LLaMA's seven projections (q/k/v/o_proj, gate/up/down_proj) as plain
+# nn.Linear, which the adapters target by name; tests/test_bad_inputs.py checks each on the meta device.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass

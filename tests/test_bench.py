@@ -202,11 +202,12 @@ def test_quality_smoke():
     assert "test loss mean" in quality.format_table(results)
 
 
-def test_throughput_without_cuda_exits_cleanly(monkeypatch):
+def test_throughput_without_cuda_exits_2_with_one_line(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     result = bench_cli("throughput")
-    assert result.returncode == 0 and throughput.NO_CUDA in result.stdout
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"bench: error: {throughput.NO_CUDA}"), result.stderr
 
 
 def test_throughput_runs_on_cpu_for_a_tiny_model():

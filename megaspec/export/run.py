@@ -79,7 +79,13 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
     for name in (CONFIG_NAME, LAYERS_NAME):
         if not (adapter_dir / name).is_file():
             raise ExportError(f"adapter folder {adapter_dir} has no {name}")
-    train_config = json.loads(config_file.read_text())
+    train_config = read_json(config_file, "restore it from the run or rewrite it")
+    layers = read_json(adapter_dir / LAYERS_NAME, "re-save the adapter")
+    check_adapter_file(adapter_dir / WEIGHTS_NAME, layers)
+    try:
+        adapter_config = AdapterConfig.load(adapter_dir)
+    except (ValueError, TypeError) as e:  # bad JSON, unknown keys, wrong field types
+        raise ExportError(f"{adapter_dir / CONFIG_NAME} is not a usable adapter config ({_first_line(e)}); re-save the adapter") from None
     if train_config.get("model"):
         model = str(train_config["model"])
     else:
@@ -90,10 +96,44 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
         path=path,
         train_config=train_config,
         adapter_dir=adapter_dir,
-        adapter_config=AdapterConfig.load(adapter_dir),
+        adapter_config=adapter_config,
         model=model,
-        layers=json.loads((adapter_dir / LAYERS_NAME).read_text()),
+        layers=layers,
     )
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def read_json(file: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in a run's file, or one ExportError naming the file and the fix."""
+    try:
+        value = json.loads(file.read_text())
+    except UnicodeDecodeError:
+        raise ExportError(f"{file} is not a text file; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{file} is not valid JSON ({e.msg} at line {e.lineno}); {fix}") from None
+    if not isinstance(value, dict):
+        raise ExportError(f"{file} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
+
+
+def check_adapter_file(file: Path, layers: dict[str, Any]) -> None:
+    """The adapter's safetensors header is whole and names every tensor adapter_layers.json lists (a truncated copy fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            names = set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"adapter file {file} is truncated or corrupt ({_first_line(e)}); re-save the adapter "
+                          "or pass --adapter RUN/checkpoints/step-N/adapter") from None
+    for layer, info in layers.items():
+        for key in (*info.get("plan", ()), *info.get("params", ())):
+            if f"{layer}.{key}" not in names:
+                raise ExportError(f"adapter file {file} has no tensor {layer}.{key} that {LAYERS_NAME} lists; re-save the adapter")
 
 
 class Frame(nn.Module):
@@ -181,6 +221,22 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """Create and remove a folder where `out` will be staged, so a read-only --out fails before any work."""
+    folder = out.absolute().parent
+    while not folder.exists():  # staged() creates the missing parents
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExportError(f"--out {out}: {folder} is a file, not a folder; pass another --out")
+    probe = folder / f".{out.name}.probe-{os.getpid()}"
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {folder} ({e.strerror}); pass an --out on a writable disk") from None
 
 
 @contextlib.contextmanager

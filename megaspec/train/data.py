@@ -1,7 +1,9 @@
 """Records -> token blocks -> resumable, rank-sharded batches; and the tokenizer that goes with them."""
 
+import csv
+import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -103,6 +105,8 @@ def load_records(path_or_id: str) -> datasets.Dataset:
     except DataError:
         raise
     except Exception as e:
+        if path.is_file():
+            check_dataset_file(path)  # names the file and the record, when a record is the problem
         raise DataError(
             f"could not load dataset {path_or_id!r} ({_first_line(e)}); check the file's format, "
             "or for a hub id check the name and that the hub is reachable"
@@ -135,6 +139,130 @@ def detect_format(columns: Sequence[str], cfg: DataConfig) -> str:
         f"dataset has fields {sorted(columns)} but format={cfg.format!r} needs {wanted}; "
         "rename the fields or set text_field/prompt_field/response_field"
     )
+
+
+def format_fields(columns: Sequence[str], cfg: DataConfig) -> list[str]:
+    """The fields the loop reads as text for the format detect_format picks from `columns`."""
+    if detect_format(columns, cfg) == "text":
+        return [cfg.text_field]
+    if cfg.prompt_field in columns and cfg.response_field in columns:
+        return [cfg.prompt_field, cfg.response_field]
+    return [f for f in ALPACA_FIELDS if f in columns]
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a text file; DataError at the first binary or non-UTF-8 line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if b"\0" in raw:
+                raise DataError(f"dataset file {path} line {number} holds binary data (a NUL byte); "
+                                "pass a text .jsonl/.json/.csv/.txt file or a .parquet file")
+            try:
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"dataset file {path} is not UTF-8 (line {number}, byte 0x{raw[e.start]:02x}); convert it, "
+                                f"e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix('.utf8' + path.suffix)}") from None
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) of a JSON lines file, or of a file holding one JSON array (a pretty-printed object: none)."""
+    lines = _text_lines(path)
+    first = next(((n, line) for n, line in lines if line.strip()), None)
+    if first is None:
+        return
+    head = first[1].strip()
+    if head.startswith("[") or head == "{":  # one JSON value over the whole file, as datasets reads it
+        text = first[1] + "".join(line for _, line in lines)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset file {path} line {first[0] + e.lineno - 1} is not valid JSON ({e.msg}); fix the file") from None
+        if isinstance(value, list):  # datasets reads a list of strings as 'text' records
+            yield from ((f"record {i + 1}", {"text": r} if isinstance(r, str) else r) for i, r in enumerate(value))
+        return
+    for number, line in chain([first], lines):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line.rstrip("\r\n"))  # columns then count within the line
+        except json.JSONDecodeError as e:
+            raise DataError(f"dataset file {path} line {number} is not valid JSON ({e.msg} at column {e.colno}); "
+                            "fix or remove that line") from None
+
+
+def _check_json_records(path: Path, records: Iterable[tuple[str, object]], cfg: DataConfig) -> None:
+    """Every record is an object whose text fields hold strings (or null)."""
+    fields: list[str] | None = None
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"dataset file {path} {where} is a JSON {type(record).__name__}, not an object; "
+                            "write one object per record")
+        if fields is None:
+            fields = format_fields(list(record), cfg)
+        for name in fields:
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"dataset file {path} {where}: field '{name}' holds a {type(value).__name__}, not a string; "
+                                "make it text")
+
+
+def _check_csv(path: Path, cfg: DataConfig) -> None:
+    """A header naming the text fields, and no row with more fields than the header."""
+    reader = csv.reader(line for _, line in _text_lines(path))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"dataset file {path} is empty; add a header and records")
+    format_fields(header, cfg)
+    for row in reader:
+        if len(row) > len(header):
+            raise DataError(f"dataset file {path} line {reader.line_num} has {len(row)} fields but the header has "
+                            f"{len(header)}; quote fields that hold commas")
+
+
+def _check_parquet(path: Path, cfg: DataConfig) -> None:
+    """The text fields are string columns, and every row group of them can be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"dataset file {path} is not a readable parquet file ({_first_line(e)}); re-write it") from None
+    schema = table.schema_arrow
+    fields = format_fields(schema.names, cfg)
+    for name in fields:
+        kind = schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+            raise DataError(f"dataset file {path}: field '{name}' holds {kind} values, not strings; make it text")
+    first = 0
+    for group in range(table.num_row_groups):
+        rows = table.metadata.row_group(group).num_rows
+        try:
+            table.read_row_group(group, columns=fields)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"dataset file {path}: records {first + 1}..{first + rows} cannot be read "
+                            f"({_first_line(e)}); re-write the file") from None
+        first += rows
+
+
+def check_dataset_file(path: str | Path, cfg: DataConfig | None = None) -> None:
+    """Read a local dataset file once, record by record, without tokenizing: DataError naming the file and record.
+
+    datasets reports a bad line as "An error occurred while generating the dataset", and a bad
+    text field only surfaces after the model is loaded; this pass costs a read of the file.
+    """
+    path = Path(path).expanduser()
+    cfg = cfg or DataConfig(dataset=str(path))
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        _check_json_records(path, _json_records(path), cfg)
+    elif suffix == ".txt":
+        for _ in _text_lines(path):
+            pass
+    elif suffix == ".csv":
+        _check_csv(path, cfg)
+    elif suffix == ".parquet":
+        _check_parquet(path, cfg)
 
 
 def _strings(ds: datasets.Dataset, field: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,81 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"--ds_config {path} must hold a JSON object, not {type(config).__name__}")
     return config
+
+
+# Numbers DeepSpeed reads without checking their type (get_scalar_param, torch optimizer and LR schedule
+# arguments): a string there fails deep inside DeepSpeed or torch. The pydantic-checked sections
+# (zero_optimization, fp16, ...) report their own errors. Each entry: (section path, key) -> rule.
+POSITIVE_INT, POSITIVE, NON_NEGATIVE, FRACTION = "a whole number of 1 or more", "a number above 0", "a number of 0 or more", "a number in [0, 1)"
+DS_NUMBERS: dict[tuple[str, str], str] = {
+    ("", "train_batch_size"): POSITIVE_INT,
+    ("", "train_micro_batch_size_per_gpu"): POSITIVE_INT,
+    ("", "gradient_accumulation_steps"): POSITIVE_INT,
+    ("", "steps_per_print"): POSITIVE_INT,
+    ("", "gradient_clipping"): NON_NEGATIVE,
+    ("", "gradient_predivide_factor"): POSITIVE,
+    ("optimizer.params", "lr"): POSITIVE,
+    ("optimizer.params", "eps"): POSITIVE,
+    ("optimizer.params", "weight_decay"): NON_NEGATIVE,
+    ("optimizer.params", "momentum"): NON_NEGATIVE,
+    ("scheduler.params", "warmup_min_lr"): NON_NEGATIVE,
+    ("scheduler.params", "warmup_max_lr"): POSITIVE,
+    ("scheduler.params", "warmup_num_steps"): NON_NEGATIVE,
+    ("scheduler.params", "total_num_steps"): POSITIVE_INT,
+}
+DS_STRINGS = {("scheduler.params", "warmup_type")}  # the only string a schedule or optimizer argument may be
+DS_BOOLS = {("bf16", "enabled"), ("fp16", "enabled")}
+
+
+def _fits(value: Any, rule: str) -> bool:
+    """Whether a JSON value is a number that obeys `rule` (true/false are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    if rule == POSITIVE_INT:
+        return float(value).is_integer() and value >= 1
+    if rule == POSITIVE:
+        return value > 0
+    if rule == FRACTION:
+        return 0 <= value < 1
+    return value >= 0
+
+
+def check_ds_numbers(config: dict[str, Any], path: str | Path) -> None:
+    """One ConfigError naming the first key whose value DeepSpeed would read as a number but is not one.
+
+    "auto" is left to resolve_ds_config. Unlisted optimizer and schedule arguments must be numbers
+    or true/false too (betas: two numbers in [0, 1)), since torch receives them as they are.
+    """
+    for (where, key), rule in DS_NUMBERS.items():
+        section = _section(config, where)
+        if key in section and section[key] != "auto" and not _fits(section[key], rule):
+            raise ConfigError(f"--ds_config {path}: {_name(where, key)} is {json.dumps(section[key])} but must be {rule}; fix the file")
+    for where, key in DS_BOOLS:
+        value = _section(config, where).get(key, False)
+        if not isinstance(value, bool) and value != "auto":
+            raise ConfigError(f"--ds_config {path}: {_name(where, key)} is {json.dumps(value)} but must be true, false or \"auto\"; fix the file")
+    for where in ("optimizer.params", "scheduler.params"):
+        for key, value in _section(config, where).items():
+            if (where, key) in DS_NUMBERS or (where, key) in DS_STRINGS or value == "auto" or isinstance(value, bool) or value is None:
+                continue
+            if key == "betas":
+                if not (isinstance(value, list) and len(value) == 2 and all(_fits(v, FRACTION) for v in value)):
+                    raise ConfigError(f"--ds_config {path}: {_name(where, key)} is {json.dumps(value)} but must be two numbers in [0, 1); fix the file")
+            elif not (isinstance(value, int | float) and math.isfinite(value)):
+                raise ConfigError(f"--ds_config {path}: {_name(where, key)} is {json.dumps(value)} but must be a number; fix the file")
+
+
+def _section(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The dict at a dotted path of the config ({} if absent or not a dict)."""
+    node: Any = config
+    for part in filter(None, where.split(".")):
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def _name(where: str, key: str) -> str:
+    """A key as the user wrote it: dotted below the top level."""
+    return f"{where}.{key}" if where else key
 
 
 def bf16_available() -> bool:

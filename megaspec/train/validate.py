@@ -1,8 +1,8 @@
 """Check a run's arguments against its files before any distributed work starts.
 
-Every check reads only the arguments and small files (JSON configs, the model's config.json, the
-tokenizer, a dataset's first record or schema, a run folder's saved state), so a bad input fails
-in seconds with one ConfigError/DataError line, before a process group exists and before the
+Every check reads only the arguments and files, never weights (JSON configs, the model's config.json,
+the tokenizer, a local dataset file streamed once without tokenizing, a run folder's saved state), so a
+bad input fails in seconds with one ConfigError/DataError line, before a process group exists and before the
 run folder is created or (with --overwrite) removed. The loop repeats the checks it can only do
 collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import difflib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,16 +22,20 @@ import torch
 
 from megaspec.adapters import adapter_class
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
 from megaspec.train.data import (
+    FILE_BUILDERS,
     DataConfig,
     DataError,
     _looks_like_path,
+    check_dataset_file,
     detect_format,
+    format_fields,
     load_records,
     load_tokenizer,
 )
-from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config
+from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
 from megaspec.train.loop import (
     TrainConfig,
     _model_tokenizer,
@@ -48,6 +53,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     adapter_class(cfg.method)  # "unknown method 'x'; choose one of [...]"
     check_numbers(cfg)
     raw_ds = read_ds_config(cfg.ds_config)
+    check_ds_numbers(raw_ds, cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
     model_config = load_model_config(cfg.model)
     check_seq_len(cfg.seq_len, model_config)
@@ -65,15 +71,22 @@ def validate(cfg: TrainConfig) -> list[str]:
 def check_numbers(cfg: TrainConfig) -> None:
     """Counts and rates that must be positive (the rest is checked by the method's own adapter)."""
     positive = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "save_every": cfg.save_every,
-                "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints}
+                "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints,
+                "rank": cfg.rank, "s2ft_estimate_steps": cfg.s2ft_estimate_steps}
+    if cfg.halt_at_step is not None:
+        positive["halt_at_step"] = cfg.halt_at_step
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} {value} must be at least 1")
     for name in ("eval_every", "eval_batches", "max_skipped_steps"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be 0 or more")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise ConfigError(f"--lr {cfg.lr} must be positive")
+    rates = {"lr": cfg.lr, "scale": cfg.scale, "alpha": cfg.alpha}  # None: the method's default
+    for name, value in rates.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name} {value} must be a finite number above 0")
+    if not 0 <= cfg.energy_ratio <= 1:  # also false for nan
+        raise ConfigError(f"--energy_ratio {cfg.energy_ratio} must be within [0, 1]")
     if cfg.seq_len < 2:
         raise ConfigError(f"--seq_len {cfg.seq_len} is too short; use at least 2 tokens")
     if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter) and cfg.n_coeffs < 1:
@@ -257,11 +270,33 @@ def load_model_config(model: str | None) -> Any:
         raise ConfigError(f"--model {model} is a file; pass the HF model folder that holds config.json")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"--model {model} has no config.json; pass a folder written by save_pretrained")
+    if path.is_dir():
+        check_model_type(_model_type_in(path / "config.json"), model)
     try:
-        return AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"--model {model}: cannot read its config ({type(e).__name__}: {first}); check the path or hub id") from e
+    check_model_type(getattr(config, "model_type", None), model)
+    return config
+
+
+def _model_type_in(config_file: Path) -> str | None:
+    """The model_type a local config.json declares (ConfigError if it is not a JSON object)."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"--model: {config_file} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--model: {config_file} must hold a JSON object, not {type(config).__name__}")
+    return config.get("model_type")
+
+
+def check_model_type(model_type: str | None, model: str) -> None:
+    """The adapters find their layers by LLaMA's projection names: refuse other architectures before any download or load."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"--model {model} is a {model_type or 'model without model_type'}; megaspec supports LLaMA-style "
+                          f"decoders ({', '.join(SUPPORTED_MODEL_TYPES)}) whose layers have q/k/v/o_proj and gate/up/down_proj")
 
 
 def check_seq_len(seq_len: int, model_config: Any) -> None:
@@ -315,6 +350,8 @@ def dataset_columns(dataset: str) -> list[str] | None:
             return None
         return list(load_records(dataset).column_names)  # memory-mapped: cheap
     suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        load_records(dataset)  # raises the "unsupported type" DataError
     if suffix == ".txt":
         return ["text"]
     if suffix == ".parquet":
@@ -339,12 +376,29 @@ def dataset_columns(dataset: str) -> list[str] | None:
 
 
 def check_dataset(dataset: str | None) -> None:
-    """A local dataset has the fields the loop needs (the embedded default always does)."""
+    """A local dataset has the fields the loop needs in every record (the embedded default always does)."""
     if dataset is None:
         return
+    cfg = DataConfig(dataset=dataset, format="auto")
+    path = Path(dataset).expanduser()
+    if path.is_file() and path.suffix.lower() in FILE_BUILDERS:
+        check_dataset_file(path, cfg)  # the whole file, streamed: a bad record 10k lines in fails here, not after planning
     columns = dataset_columns(dataset)
     if columns is not None:
-        detect_format(columns, DataConfig(dataset=dataset, format="auto"))
+        detect_format(columns, cfg)
+    if path.is_dir() and columns is not None:
+        check_saved_fields(dataset, cfg)
+
+
+def check_saved_fields(dataset: str, cfg: DataConfig) -> None:
+    """A saved datasets folder's text fields are typed as strings (its features say so without reading rows)."""
+    from datasets import Value
+
+    features = load_records(dataset).features
+    for name in format_fields(list(features), cfg):
+        feature = features[name]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")):
+            raise DataError(f"saved dataset {dataset}: field '{name}' holds {feature} values, not strings; make it text")
 
 
 # --- quantization ------------------------------------------------------------------------------
