@@ -282,7 +282,8 @@ def test_real_divergence_ends_with_exit_3_and_one_line_and_keeps_checkpoints(tmp
                      ranks=2, env=job_env())
     errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
     assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-3000:]
-    assert "not finite" in errors[0] and "Traceback" not in proc.stderr and "histogram" not in proc.stderr
+    assert "gradient norm is exactly 0" in errors[0] and "--max_skipped_steps 2" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
     kept = latest_checkpoint(out)
     assert kept is not None and verify_checkpoint(kept)
     assert not (out / "adapter").exists() and not (out / "final_metrics.json").exists()
@@ -349,3 +350,20 @@ def test_heartbeat_reports_a_long_phase_once_per_period_and_restarts_with_a_new_
     assert len(lines) == 2, lines
     assert all(line.startswith("megaspec: heartbeat: rank 1 still in step 7 (forward, backward, optimizer) after") for line in lines)
     assert "MEGASPEC_DIST_TIMEOUT_S=" in lines[0]
+
+
+def test_void_updates_count_toward_divergence_like_skipped_steps() -> None:
+    from megaspec.train.loop import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=2)
+    guard.end_step(skipped=False, grad_norm=3.5)
+    guard.end_step(skipped=False, grad_norm=0.0)
+    guard.end_step(skipped=True)
+    assert guard.streak == 2 and not guard.diverged() and guard.skipped == 1
+    guard.end_step(skipped=False, grad_norm=math.inf)
+    assert guard.diverged()
+    message = guard.message(4)
+    assert message.startswith("gradient norm is exactly 0 (the loss no longer depends on the adapter) and loss is not "
+                              "finite and gradient norm is not finite at step 4: 3 steps in a row (from step 2)"), message
+    guard.end_step(skipped=False, grad_norm=None)  # a config that does not compute the norm: nothing to judge
+    assert guard.streak == 0 and not guard.diverged()

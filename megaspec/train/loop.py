@@ -246,7 +246,8 @@ class NonFiniteGuard:
     def __init__(self, limit: int, skipped: int = 0) -> None:
         self.limit = limit
         self.skipped = skipped  # steps skipped in the whole run (saved with checkpoints)
-        self.streak = 0  # skipped steps in a row, up to the current one
+        self.streak = 0  # steps in a row, up to the current one, skipped or with a non-finite gradient norm
+        self.reasons: list[str] = []  # what made the steps of the current streak void
         hook = os.environ.get("MEGASPEC_TEST_NAN_STEPS", "")
         self.test_steps = {int(s) for s in hook.split(",") if s.strip()}
 
@@ -255,21 +256,39 @@ class NonFiniteGuard:
         ok = bool(torch.isfinite(loss.detach()).all()) and not (step in self.test_steps and rank() == 0)
         return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
 
-    def end_step(self, skipped: bool) -> None:
-        """Count a finished step, skipped (no finite micro-batch) or not."""
-        self.streak = self.streak + 1 if skipped else 0
+    def end_step(self, skipped: bool, grad_norm: float | None = None) -> None:
+        """Count a finished step: skipped (no finite micro-batch), or updated with the gradient norm `grad_norm`.
+
+        A void update counts toward the streak too (issue 15: with --lr 1e30 the coefficients reached
+        2e30, RMSNorm's variance overflowed to inf, the hidden states became 0, the loss sat at
+        ln(vocab) with a gradient norm of exactly 0, and the run "finished" with exit 0): a gradient
+        norm that is not finite (clipping then scales the update to 0 or NaN), or exactly 0 with a
+        finite loss (no trainable parameter reaches the loss any more; zero-initialised adapters still
+        get a non-zero gradient at step 1). The norm is all-reduced by DeepSpeed, so every rank agrees.
+        None: the config does not compute it.
+        """
+        if skipped:
+            reason = "loss is not finite"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            reason = "gradient norm is not finite"
+        elif grad_norm == 0.0:
+            reason = "gradient norm is exactly 0 (the loss no longer depends on the adapter)"
+        else:
+            reason = None
+        self.reasons = ([] if not self.streak else self.reasons) + ([reason] if reason and reason not in self.reasons else [])
+        self.streak = self.streak + 1 if reason else 0
         self.skipped += int(skipped)
 
     def diverged(self) -> bool:
-        """More than `limit` steps in a row were skipped."""
+        """More than `limit` steps in a row were skipped or had a void update."""
         return self.streak > self.limit
 
     def message(self, step: int) -> str:
         """The one line that stops the run."""
         return (
-            f"loss is not finite at step {step}: {self.streak} steps in a row (from step {step - self.streak + 1}) "
-            f"exceed --max_skipped_steps {self.limit}; the run's checkpoints keep the last good state: "
-            "lower --lr or check the data, then --resume"
+            f"{' and '.join(self.reasons)} at step {step}: {self.streak} steps in a row (from step "
+            f"{step - self.streak + 1}) exceed --max_skipped_steps {self.limit}; the run's checkpoints keep the last "
+            "good state: lower --lr or check the data, then --resume"
         )
 
 
@@ -411,7 +430,9 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
             if losses:
                 _catch_up(engine, owed)
             step += 1
-            guard.end_step(skipped=not losses)
+            norm = engine.get_global_grad_norm() if losses else None  # None: this config does not compute it
+            grad_norm = float("nan") if norm is None else float(norm)
+            guard.end_step(skipped=not losses, grad_norm=None if norm is None else grad_norm)
             if losses and not coefficients_finite(trainable):
                 raise TrainingDiverged(
                     f"adapter parameters became non-finite in the optimizer update of step {step} (lr {lr_used:.3g}); "
@@ -423,7 +444,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
             metrics = {
                 "loss": loss_value,
                 "lr": lr_used,
-                "grad_norm": _grad_norm(engine) if losses else float("nan"),
+                "grad_norm": grad_norm,
                 "skipped_steps": guard.skipped,
                 "tokens_per_s": tokens / elapsed,
                 "step_time": elapsed,
@@ -508,11 +529,6 @@ def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> No
         write()
     except OSError as exc:
         raise write_failed(exc, "the final adapter", out, read_latest(out / CHECKPOINTS)) from exc
-
-
-def _grad_norm(engine: Any) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 def _model_tokenizer(model: str | None) -> str | None:
