@@ -152,3 +152,22 @@ def test_deepspeed_launcher_no_ssh_two_nodes_requeues(cluster, reference, tmp_pa
     assert (tmp_path / "run.hostfile").read_text() == "node1 slots=1\nnode2 slots=1\n"
     assert "requeueing job" in job_log(out, job)
     assert_matches_reference(out, reference)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_check_says_in_one_line_what_the_real_partition_can_never_hold(cluster):
+    """The test cluster's nodes have 2 CPUs: the script's default 8 CPUs per task never fits, the README's CPU line does."""
+    import sys
+
+    def check(*options: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "slurm/check.py", *options, "slurm/train.sbatch"], cwd=REPO,
+                              env=cluster.env(), capture_output=True, text=True, timeout=60)
+
+    never = check("--nodes", "2", "--ntasks-per-node", "1", "--gpus-per-node", "0")
+    assert never.returncode == 2 and len(never.stderr.splitlines()) == 1, never.stderr
+    assert "8 CPUs" in never.stderr and "pending forever" in never.stderr
+    readme = check("--nodes", "2", "--ntasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "2")
+    assert readme.returncode == 0 and readme.stderr == "", readme.stderr
+    three = check("--nodes", "3", "--ntasks-per-node", "1", "--gpus-per-node", "0", "--cpus-per-task", "1")
+    assert three.returncode == 2 and "3 node(s)" in three.stderr, three.stderr
