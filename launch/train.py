@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from megaspec.quant import QUANTIZE_CHOICES
+    from megaspec.train.activations import ATTN_IMPLEMENTATIONS, CHECKPOINTING_CHOICES
     from megaspec.train.loop import TrainConfig
 
     d = TrainConfig()
@@ -52,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps in a row with a NaN/inf loss that are skipped; one more stops the run (exit 3)")
     p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_CHOICES,
                    help="frozen base in bitsandbytes 4-bit (nf4, fp4) or 8-bit (int8)")
+    p.add_argument("--gradient_checkpointing", default=d.gradient_checkpointing, choices=CHECKPOINTING_CHOICES,
+                   help="recompute each decoder layer in the backward instead of keeping its activations; "
+                        "auto: on for models above 1B parameters")
+    p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel, where the model supports it (default: transformers' choice)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 

@@ -29,6 +29,7 @@ from megaspec.quant import (
     quantize_frozen_partitions,
     zero_weight_quantization,
 )
+from megaspec.train.activations import configure_activations
 from megaspec.train.checkpoint import (
     config_hash,
     latest_checkpoint,
@@ -81,6 +82,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive steps with a non-finite loss that are skipped; one more stops the run
     halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
     quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
+    gradient_checkpointing: str = "auto"  # on | off | auto: on above ~1B parameters (megaspec.train.activations)
+    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None: transformers' default
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig this run applies."""
@@ -319,6 +322,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden)
     model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
+    activations = configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation)
+    if rank() == 0:
+        print(activations, flush=True)
     summary = apply_adapters(model, cfg.adapter_config(), defer_calibration=True)  # S2FT: calibrated below
     if rank() == 0:
         print(summary, flush=True)
