@@ -90,7 +90,7 @@ def memory(args: argparse.Namespace) -> tuple[Any, str]:
         rows = bench.validate()
         return rows, table(rows, bench.VALIDATE_COLUMNS)
     result = bench.run(args.models.split(","), tuple(args.precisions.split(",")), _ints(args.world_sizes),
-                       args.micro_batch, args.seq_len, parse_methods(args.methods))
+                       args.micro_batch, args.seq_len, parse_methods(args.methods), args.gradient_checkpointing)
     return result, bench.format_table(result)
 
 
@@ -176,6 +176,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--methods", default=None, help=methods_help)
+    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="activations with or without checkpointing; auto: the trainer's rule (on above 1B parameters)")
     p.add_argument("--validate", action="store_true", help="formula vs measured bytes on tiny real models")
     p.set_defaults(func=memory)
 

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=d.init, choices=["zeros", "gaussian"], help="coefficient init")
     p.add_argument("--s2ft_estimate_steps", type=int, default=d.s2ft_estimate_steps,
                    help="S2FT: optimizer steps' worth of batches in the gradient estimate that plans it")
+    p.add_argument("--s2ft_estimate_group_mb", type=int, default=d.s2ft_estimate_group_mb,
+                   help="S2FT: MiB of fp32 estimate buffers per rank at once; layers beyond it take further passes")
     p.add_argument("--max_steps", type=int, default=d.max_steps)
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per method)")

@@ -65,6 +65,7 @@ class TrainConfig:
     scale: float | None = None
     init: str = "zeros"
     s2ft_estimate_steps: int = 4  # s2ft: optimizer steps' worth of batches in the gradient estimate
+    s2ft_estimate_group_mb: int = 1024  # s2ft: fp32 estimate buffers held at once per rank (layer groups, megaspec.calibrate)
     max_steps: int = 100
     seq_len: int = 128
     lr: float | None = None  # None: the method's default (DEFAULT_LR)
@@ -297,8 +298,10 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, out: Path, train_set: An
         what = f"restored from {ckpt / 'adapter'}"
     else:
         stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
-        info = calibrate_adapters(engine, (_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)))
-        what = f"calibrated on {info['calibration']['batches']} micro-batches per rank"
+        batches = [_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
+        info = calibrate_adapters(engine, batches, group_bytes=cfg.s2ft_estimate_group_mb * 2**20)
+        calibration = info["calibration"]
+        what = f"calibrated on {calibration['batches']} micro-batches per rank in {calibration['groups']} layer group(s)"
     info["digest"] = positions_digest(engine.module)
     if rank() == 0:
         print(f"{cfg.method} plan {what} (digest {info['digest'][:12]})", flush=True)

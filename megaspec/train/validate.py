@@ -50,6 +50,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_tokenizer(cfg, model_config)
     check_adapters(cfg, model_config)
     use_checkpointing(getattr(cfg, "gradient_checkpointing", "auto"), 0)  # a bad setting fails here
+    if getattr(cfg, "s2ft_estimate_group_mb", 1) < 1:
+        raise ConfigError(f"--s2ft_estimate_group_mb {cfg.s2ft_estimate_group_mb} must be at least 1")
     check_attn_implementation(getattr(cfg, "attn_implementation", None), model_config)
     check_dataset(cfg.dataset)
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
