@@ -137,14 +137,14 @@ def _reduce_to(tensor: torch.Tensor, owner: int) -> None:
         dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
 
 
-def estimate_groups(adapters: dict[str, Adapter], group_bytes: int) -> list[list[str]]:
-    """Consecutive adapters (model order) whose fp32 M x N buffers fit `group_bytes` together (at least one each)."""
+def estimate_groups(shapes: dict[str, tuple[int, int]], group_bytes: int) -> list[list[str]]:
+    """Consecutive layers (model order: name -> (M, N)) whose fp32 M x N buffers fit `group_bytes` together (at least one each)."""
     if group_bytes < 1:
         raise ValueError(f"group_bytes={group_bytes} must be positive")
     groups: list[list[str]] = []
     used = 0
-    for name, adapter in adapters.items():
-        size = 4 * adapter.shape[0] * adapter.shape[1]
+    for name, (m, n) in shapes.items():
+        size = 4 * m * n
         if not groups or used + size > group_bytes:
             groups.append([])
             used = 0
@@ -171,7 +171,7 @@ def calibrate_adapters(engine_or_model: Any, batches: Iterable[Batch], group_byt
     if any(other != layers for other in all_gather_object(layers)):
         raise RuntimeError("ranks disagree on the layers to calibrate (names, methods, shapes)")
     batches = list(batches)
-    groups = estimate_groups(adapters, group_bytes)
+    groups = estimate_groups({name: a.shape for name, a in adapters.items()}, group_bytes)
     owners = dict(zip(names, assign_layers([a.shape[0] * a.shape[1] for a in adapters.values()], world_size()), strict=True))
     local = {}
     count, held = 0, 0
