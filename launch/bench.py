@@ -99,7 +99,7 @@ def checkpointing(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import checkpointing as bench
 
     dtype = getattr(torch, args.dtype)
-    rows = bench.run(args.models.split(","), args.batch, args.seq_len, args.steps, args.warmup, dtype)
+    rows = bench.run([m for m in args.models.split(",") if m], args.batch, args.seq_len, args.steps, args.warmup, dtype)
     result: dict[str, Any] = {"steps": rows}
     text = table(rows, bench.COLUMNS)
     if args.s2ft:
@@ -202,7 +202,7 @@ def main() -> None:
 
     p = sub.add_parser("checkpointing", parents=[common],
                        help="peak memory and step time with and without gradient checkpointing (CPU); --s2ft: S2FT estimate peak")
-    p.add_argument("--models", default="small,8b-2layers", help="comma-separated: small (12 layers, h 768), 8b-2layers")
+    p.add_argument("--models", default="small,8b-2layers", help="comma-separated: small (12 layers, h 768), 8b-2layers, tiny; '' for none (--s2ft alone)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="timed forward+backward steps per setting")

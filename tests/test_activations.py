@@ -188,22 +188,26 @@ def test_attention_refusals(monkeypatch):
         check_attn_implementation("flash", tiny_config())
 
 
-def test_flash_attention_without_package_or_cuda_exits_2_in_one_line(tmp_path, capsys):
+REFUSED = [(["--attn_implementation", "flash_attention_2"], "--attn_implementation flash_attention_2 needs"),
+           (["--s2ft_estimate_group_mb", "0"], "--s2ft_estimate_group_mb 0 must be at least 1")]
+
+
+@pytest.mark.parametrize(("args", "expect"), REFUSED, ids=["flash_attention_2", "group_mb_0"])
+def test_bad_flags_exit_2_in_one_line_before_loading(args, expect, tmp_path, capsys):
     """Checked by validation, before any model is loaded or process group formed."""
-    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+    if "flash_attention_2" in args and importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
         pytest.skip("flash-attn and CUDA are both here")
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     capsys.readouterr()
     out = tmp_path / "run"
-    code = script.main(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--attn_implementation", "flash_attention_2",
-                        "--max_steps", "1", "--output_dir", str(out)])
-    err = capsys.readouterr().err
+    code = script.main(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), *args, "--max_steps", "1", "--output_dir", str(out)])
+    captured = capsys.readouterr()
     assert code == 2
-    errors = [line for line in err.splitlines() if line.startswith("megaspec: error: ")]
-    assert len(errors) == 1 and "--attn_implementation flash_attention_2 needs" in errors[0], err
-    assert not out.exists()
+    errors = [line for line in captured.err.splitlines() if line.startswith("megaspec: error: ")]
+    assert len(errors) == 1 and expect in errors[0], captured.err
+    assert not out.exists() and "trainable of" not in captured.out
 
 
 # --- the training job -------------------------------------------------------------------------------------
@@ -225,3 +229,44 @@ def test_training_job_logs_the_decision_and_trains_the_same(tmp_path):
         assert abs(l_auto[step] - l_on[step]) < 1e-5, (step, l_auto[step], l_on[step])
     saved = json.loads((tmp_path / "on" / "train_config.json").read_text())
     assert saved["gradient_checkpointing"] == "on" and saved["attn_implementation"] == "eager"
+
+
+# --- the benchmark's measure --------------------------------------------------------------------------------
+
+
+def test_live_bytes_counts_allocations_not_views():
+    from megaspec.benchmarks.checkpointing import LiveBytes
+
+    weight = torch.zeros(1000)
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.empty(2**20, dtype=torch.uint8)
+        b = torch.empty(2**21, dtype=torch.uint8)
+        view = weight.view(10, 100).t()  # no new memory
+        weight.add_(1.0)  # in place: no new memory
+        del a
+        c = torch.empty(2**19, dtype=torch.uint8)
+    assert tracker.peak == 2**20 + 2**21 and tracker.live == 2**21 + 2**19
+    del b, c, view
+    assert tracker.live == 0
+
+
+def test_checkpointing_bench_rows_on_a_tiny_model():
+    from megaspec.benchmarks import checkpointing as bench
+
+    rows = bench.run(["tiny"], seq_len=64, steps=1, warmup=1)
+    off, on = rows
+    assert (off["checkpointing"], on["checkpointing"]) == ("off", "on") and off["auto_full"] == "tiny: off"
+    assert on["loss"] == pytest.approx(off["loss"], abs=1e-6)
+    assert 0 < on["peak_bytes"] < off["peak_bytes"] and on["peak_vs_off"] < 1
+    estimate = bench.s2ft_estimate("tiny", budgets=(2**20, 1), seq_len=64)
+    one, each = estimate
+    assert (one["groups"], each["groups"]) == (1, 4)  # q and v of 2 layers
+    assert one["buffers_held"] == 2 * 4 * (64 * 64 + 32 * 64) and each["buffers_held"] == 4 * 64 * 64
+    for row in estimate:
+        assert row["measured_held"] == row["buffers_held"]  # exactly the group's fp32 buffers stay allocated
+        assert row["buffers_held"] <= row["measured_peak"] <= row["bound"]
+    assert each["measured_peak"] < one["measured_peak"]
+    extrapolated = {(r["model"], r["targets"]): r for r in bench.extrapolate_estimate()}
+    assert extrapolated[("llama-3.1-8b", "q,v")]["all_at_once"] == 32 * 4 * (4096 * 4096 + 1024 * 4096)  # 2.5 GiB
+    assert extrapolated[("llama-3-70b", "q,v")]["held_1024"] <= 2**30
