@@ -101,12 +101,13 @@ def checkpointing(args: argparse.Namespace) -> tuple[Any, str]:
     dtype = getattr(torch, args.dtype)
     rows = bench.run([m for m in args.models.split(",") if m], args.batch, args.seq_len, args.steps, args.warmup, dtype)
     result: dict[str, Any] = {"steps": rows}
-    text = table(rows, bench.COLUMNS)
+    text = table(rows, bench.COLUMNS) if rows else ""
     if args.s2ft:
         budgets = tuple(mb * 2**20 for mb in _ints(args.s2ft_budgets_mb))
         result["s2ft_estimate"] = bench.s2ft_estimate(args.s2ft_model, budgets, args.batch, args.s2ft_seq_len, dtype)
         result["s2ft_extrapolated"] = bench.extrapolate_estimate()
-        text += "\n\nS2FT gradient estimate, peak bytes of the passes by layer-group budget (measured)\n"
+        text += "\n\n" if text else ""
+        text += "S2FT gradient estimate, peak bytes of the passes by layer-group budget (measured)\n"
         text += table(result["s2ft_estimate"], bench.ESTIMATE_COLUMNS)
         text += "\n\nS2FT fp32 estimate buffers held at once per rank, from the layer shapes\n"
         text += table(result["s2ft_extrapolated"], bench.extrapolate_columns())
