@@ -108,6 +108,8 @@ def measure(model: nn.Module, ids: torch.Tensor, steps: int, warmup: int) -> dic
 def run(models: list[str], batch: int = 1, seq_len: int = 512, steps: int = 3, warmup: int = 1,
         dtype: torch.dtype = torch.float32, n_coeffs: int = 750) -> list[dict[str, Any]]:
     """One row per (model, checkpointing off/on): weights, peak step bytes above them, step time."""
+    from transformers import LlamaConfig
+
     rows = []
     for name in models:
         model = build(name, dtype, n_coeffs)
@@ -115,8 +117,6 @@ def run(models: list[str], batch: int = 1, seq_len: int = 512, steps: int = 3, w
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
         full = MODELS[name] if FULL_SIZE[name] == name else LLAMA_CONFIGS[FULL_SIZE[name]]
-        from transformers import LlamaConfig
-
         auto, _ = use_checkpointing("auto", count_parameters(LlamaConfig(**full)))
         for on in (False, True):
             if on:
