@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|selection|quality|throughput> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -7,6 +7,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py crossover
     python launch/bench.py params
     python launch/bench.py memory [--validate]
+    python launch/bench.py checkpointing [--models small,8b-2layers] [--seq-len 512] [--s2ft]
     python launch/bench.py selection
     python launch/bench.py quality
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
@@ -181,8 +182,28 @@ def memory(args: argparse.Namespace) -> tuple[Any, str]:
     if args.validate:
         rows = bench.validate()
         return rows, table(rows, bench.VALIDATE_COLUMNS)
-    result = bench.run(args.models, tuple(args.precisions), args.world_sizes, args.micro_batch, args.seq_len, args.methods)
+    result = bench.run(args.models, tuple(args.precisions), args.world_sizes, args.micro_batch, args.seq_len, args.methods,
+                       args.gradient_checkpointing)
     return result, bench.format_table(result)
+
+
+def checkpointing(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import checkpointing as bench
+
+    dtype = getattr(torch, args.dtype)
+    rows = bench.run([m for m in args.models.split(",") if m], args.batch, args.seq_len, args.steps, args.warmup, dtype)
+    result: dict[str, Any] = {"steps": rows}
+    text = table(rows, bench.COLUMNS) if rows else ""
+    if args.s2ft:
+        budgets = tuple(mb * 2**20 for mb in args.s2ft_budgets_mb)
+        result["s2ft_estimate"] = bench.s2ft_estimate(args.s2ft_model, budgets, args.batch, args.s2ft_seq_len, dtype)
+        result["s2ft_extrapolated"] = bench.extrapolate_estimate()
+        text += "\n\n" if text else ""
+        text += "S2FT gradient estimate, peak bytes of the passes by layer-group budget (measured)\n"
+        text += table(result["s2ft_estimate"], bench.ESTIMATE_COLUMNS)
+        text += "\n\nS2FT fp32 estimate buffers held at once per rank, from the layer shapes\n"
+        text += table(result["s2ft_extrapolated"], bench.extrapolate_columns())
+    return result, text
 
 
 def selection(args: argparse.Namespace) -> tuple[Any, str]:
@@ -274,8 +295,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=count(1), default=1)
     p.add_argument("--seq-len", type=count(1), default=4096)
     p.add_argument("--methods", type=methods, default=None, help=methods_help)
+    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="activations with or without checkpointing; auto: the trainer's rule (on above 1B parameters)")
     p.add_argument("--validate", action="store_true", help="formula vs measured bytes on tiny real models")
     p.set_defaults(func=memory)
+
+    p = sub.add_parser("checkpointing", parents=[common],
+                       help="peak memory and step time with and without gradient checkpointing (CPU); --s2ft: S2FT estimate peak")
+    p.add_argument("--models", default="small,8b-2layers", help="comma-separated: small (12 layers, h 768), 8b-2layers, tiny; '' for none (--s2ft alone)")
+    p.add_argument("--batch", type=count(1), default=1)
+    p.add_argument("--seq-len", type=count(1), default=512)
+    p.add_argument("--steps", type=count(1), default=3, help="timed forward+backward steps per setting")
+    p.add_argument("--warmup", type=count(0), default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--s2ft", action="store_true", help="also the peak of S2FT's gradient estimate by layer-group budget")
+    p.add_argument("--s2ft-model", default="8b-2layers", help="model of the measured S2FT estimate")
+    p.add_argument("--s2ft-budgets-mb", default="1024,80,16", type=counts(1), help="comma-separated layer-group budgets in MiB")
+    p.add_argument("--s2ft-seq-len", type=count(1), default=256)
+    p.set_defaults(func=checkpointing)
 
     p = sub.add_parser("selection", parents=[common], help="time and peak memory of SSH planning, per layer and extrapolated")
     p.add_argument("--model", default="llama-3-70b", choices=sorted(LLAMA_CONFIGS))

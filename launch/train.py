@@ -26,6 +26,7 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from megaspec.quant import QUANTIZE_CHOICES
+    from megaspec.train.activations import ATTN_IMPLEMENTATIONS, CHECKPOINTING_CHOICES
     from megaspec.train.loop import TrainConfig
 
     d = TrainConfig()
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default=d.init, choices=["zeros", "gaussian"], help="coefficient init")
     p.add_argument("--s2ft_estimate_steps", type=int, default=d.s2ft_estimate_steps,
                    help="S2FT: optimizer steps' worth of batches in the gradient estimate that plans it")
+    p.add_argument("--s2ft_estimate_group_mb", type=int, default=d.s2ft_estimate_group_mb,
+                   help="S2FT: MiB of fp32 estimate buffers per rank at once; layers beyond it take further passes")
     p.add_argument("--max_steps", type=int, default=d.max_steps)
     p.add_argument("--seq_len", type=int, default=d.seq_len)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per method)")
@@ -61,6 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps in a row with a NaN/inf loss that are skipped; one more stops the run (exit 3)")
     p.add_argument("--quantize", default=d.quantize, choices=QUANTIZE_CHOICES,
                    help="frozen base in bitsandbytes 4-bit (nf4, fp4) or 8-bit (int8)")
+    p.add_argument("--gradient_checkpointing", default=d.gradient_checkpointing, choices=CHECKPOINTING_CHOICES,
+                   help="recompute each decoder layer in the backward instead of keeping its activations; "
+                        "auto: on for models above 1B parameters")
+    p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
+                   help="attention kernel, where the model supports it (default: transformers' choice)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 

@@ -153,7 +153,7 @@ def test_memory_rows_and_bf16_formula_is_two_bytes_per_parameter():
 def test_memory_formula_matches_measured_bytes_on_tiny_models():
     pytest.importorskip("bitsandbytes")
     rows = memory.validate()
-    assert len(rows) == 7  # fp32, bf16, nf4, nf4-dq, int8 storage; two activation checks
+    assert len(rows) == 8  # fp32, bf16, nf4, nf4-dq, int8 storage; three activation checks
     for row in rows:
         assert abs(row["rel_error"]) < 0.02, row
     nf4 = next(r for r in rows if r["what"].endswith(", nf4"))

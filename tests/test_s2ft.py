@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from megaspec import AdapterConfig, apply_adapters, load_adapter, merge_adapters, save_adapter
 from megaspec.adapters.base import layer_generator
 from megaspec.adapters.s2ft import half_plane_size, sample_without_replacement
-from megaspec.calibrate import calibrate_adapters, estimate_updates
+from megaspec.calibrate import DEFAULT_GROUP_BYTES, calibrate_adapters, estimate_groups, estimate_updates
 from megaspec.model import adapters_of
 from megaspec.spectral import dense_update
 
@@ -186,6 +186,46 @@ def test_gradient_estimate_is_minus_the_accumulated_gradient(tiny_model):
         assert not adapter.base.weight.requires_grad and adapter.base.weight.grad is None
 
 
+def oracle_plans(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The plans as calibrate_adapters made them before layer groups: every layer's buffer in one set of passes."""
+    adapters = adapters_of(model)
+    sums, _ = estimate_updates(model, adapters, batches)
+    return {name: adapters[name].plan_from_estimate(sums[name]) for name in adapters}
+
+
+# q, k, v, down of one layer: 16384 + 8192 + 8192 + 32768 fp32 bytes
+@pytest.mark.parametrize(("group_bytes", "groups"), [(1, 8), (40_000, 4), (65_536, 2), (DEFAULT_GROUP_BYTES, 1)])
+def test_layer_groups_give_the_one_pass_plan(tiny_model, group_bytes, groups):
+    """Each group takes its own passes and holds only its buffers; estimates and plans equal the one-pass ones."""
+    apply_adapters(tiny_model, CONFIG, defer_calibration=True)
+    batches = halves(batch())
+    adapters = adapters_of(tiny_model)
+    oracle = oracle_plans(tiny_model, batches)
+    everything, _ = estimate_updates(tiny_model, adapters, batches)
+    split = estimate_groups({name: a.shape for name, a in adapters.items()}, group_bytes)
+    assert len(split) == groups and [n for g in split for n in g] == list(adapters)
+    for group in split:
+        sums, _ = estimate_updates(tiny_model, {n: adapters[n] for n in group}, batches)
+        assert sorted(sums) == sorted(group)
+        held = sum(t.numel() * t.element_size() for t in sums.values())
+        assert held <= group_bytes or len(group) == 1
+        for name, estimate in sums.items():
+            assert torch.equal(estimate, everything[name]), name
+    info = calibrate_adapters(tiny_model, iter(batches), group_bytes=group_bytes)  # a one-shot iterator is enough
+    assert info["calibration"]["groups"] == groups and info["calibration"]["batches"] == 2
+    assert all(p.grad is None for p in tiny_model.parameters())  # no group's passes reach any parameter
+    assert info["calibration"]["max_group_bytes"] == max(sum(4 * adapters[n].shape[0] * adapters[n].shape[1] for n in g) for g in split)
+    for name, adapter in adapters.items():
+        for key, buf in adapter.plan_state().items():
+            assert torch.equal(buf, oracle[name][key]), (name, key)
+
+
+def test_group_bytes_must_be_positive(tiny_model):
+    apply_adapters(tiny_model, CONFIG, defer_calibration=True)
+    with pytest.raises(ValueError, match="group_bytes=0 must be positive"):
+        calibrate_adapters(tiny_model, halves(batch()), group_bytes=0)
+
+
 # --- the lifecycle -------------------------------------------------------------------------
 
 
@@ -273,7 +313,7 @@ ZERO3_STEPS = 3
 
 
 def _zero3_run(weights_path: str) -> dict:
-    """One rank: a partitioned tiny LLaMA, calibrated through engine.module on this rank's half, then trained."""
+    """One rank: a partitioned tiny LLaMA, calibrated through engine.module on this rank's half (one layer per group), then trained."""
     import deepspeed
 
     state = torch.load(weights_path)
@@ -297,7 +337,7 @@ def _zero3_run(weights_path: str) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     coeffs = model.model.layers[0].self_attn.q_proj.coeffs
-    info = calibrate_adapters(engine, [halves(batch())[rank]])
+    info = calibrate_adapters(engine, [halves(batch())[rank]], group_bytes=1)
     plans = {n: {k: v.clone() for k, v in a.plan_state().items()} for n, a in adapters_of(model).items()}
     out = []
     for _ in range(ZERO3_STEPS):
@@ -320,7 +360,8 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
     summary = apply_adapters(reference, CONFIG, calibration=halves(batch()))
     for out in ranks:
         assert out["released"] and out["same_param"]
-        assert out["info"]["digest"] == summary.plan["digest"]
+        assert out["info"]["digest"] == summary.plan["digest"]  # the reference took one group
+        assert out["info"]["calibration"]["groups"] == 8 and summary.plan["calibration"]["groups"] == 1
         assert set(out["info"]["calibration"]["planned_by"].values()) == {0, 1}
         for name, adapter in adapters_of(reference).items():
             for key, buf in adapter.plan_state().items():

@@ -13,14 +13,19 @@ ZeRO-3 divides parameters by the world size W, except those below the persistenc
 megaspec's dsconfig default: the norms), which stay whole on every rank. The quantization state
 (absmax, code tables, SCB) is not a parameter: it is never partitioned, every rank holds all of it.
 
-Activations, bf16, gradient checkpointing on every decoder layer, T = micro_batch * seq_len tokens per
-rank, bytes saved for backward (measured layer by layer with saved_tensors_hooks; validated below):
+Activations, bf16, T = micro_batch * seq_len tokens per rank, bytes saved for backward (measured
+layer by layer with saved_tensors_hooks; validated below). With gradient checkpointing on every
+decoder layer:
 
     checkpoints       L * 2h * T                                   each layer's input hidden state
     head              (4h + 4 + 4V + 8) * T                        final RMSNorm (fp32 copy + rsqrt), fp32 log-softmax, labels
     layer recompute   (8h + 8 + 4q + 4kv + 4*heads + 4*head_dim + 6f) * T
                       two RMSNorms (fp32 copy + rsqrt each), q and k after RoPE, v, attention output and
                       its fp32 log-sum-exp, RoPE cos/sin, SwiGLU gate, up and silu(gate)
+
+Without it, every layer keeps its saved tensors: L * layer recompute - (L - 1) * 4*head_dim*T (one
+RoPE cos/sin shared by all layers), plus the head. Which of the two a row shows follows the
+trainer's rule (megaspec.train.activations: `auto` is on above 1B parameters) unless overridden.
 
 Frozen projections save no input (their weights need no gradient); transient buffers of the
 backward (gradients flowing through a layer, the logits before the fp32 upcast) are not counted, and
@@ -44,6 +49,7 @@ from torch import nn
 
 from megaspec.benchmarks.common import LLAMA_CONFIGS, Setting, llama_config, meta_llama, paper_settings, table
 from megaspec.model import apply_adapters
+from megaspec.train.activations import count_parameters, use_checkpointing
 
 PRECISIONS = ("bf16", "nf4", "nf4-dq", "int8")
 WORLD_SIZES = (1, 2, 8, 16, 64)
@@ -111,16 +117,25 @@ def base_bytes(inv: Inventory, precision: str, world_size: int, persistence: int
     return {"sharded": sharded, "whole": whole, "quant_state": state, "per_rank": per_rank}
 
 
-def activation_bytes(config: Any, tokens: int, act_bytes: int = 2) -> dict[str, int]:
-    """Saved-for-backward bytes per rank with gradient checkpointing (formula in the module docstring)."""
+def activation_bytes(config: Any, tokens: int, act_bytes: int = 2, checkpointing: bool = True) -> dict[str, int]:
+    """Saved-for-backward bytes per rank, with or without gradient checkpointing (formula in the module docstring).
+
+    "layers" is what the decoder layers hold at once: one layer's recompute with checkpointing, every
+    layer's saved tensors without.
+    """
     h, f, n_layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     q, kv = heads * head_dim, kv_heads * head_dim
-    checkpoints = n_layers * act_bytes * h * tokens
     head = (4 * h + 4 + 4 * vocab + 8) * tokens
     layer = (8 * h + 8 + 2 * act_bytes * (q + kv) + 4 * heads + 2 * act_bytes * head_dim + 3 * act_bytes * f) * tokens
-    return {"checkpoints": checkpoints, "head": head, "layer_recompute": layer, "total": checkpoints + head + layer}
+    if checkpointing:
+        checkpoints, layers = n_layers * act_bytes * h * tokens, layer
+    else:
+        rope = 2 * act_bytes * head_dim * tokens  # cos and sin, computed once and saved by every layer
+        checkpoints, layers = 0, n_layers * layer - (n_layers - 1) * rope
+    return {"checkpoints": checkpoints, "head": head, "layer_recompute": layer, "layers": layers,
+            "total": checkpoints + head + layers}
 
 
 def adapter_bytes(numels: list[int], world_size: int, persistence: int) -> float:
@@ -146,12 +161,15 @@ def run(
     micro_batch: int = 1,
     seq_len: int = 4096,
     methods: list[str] | None = None,
+    gradient_checkpointing: str = "auto",
     **config_overrides: Any,
 ) -> dict[str, list[dict[str, Any]]]:
     """Per-rank bytes: {"base": one row per (model, precision, W), "adapters": one row per (model, setting)}.
 
-    Each base row's total adds the adapter state of SSH n=750 (or of the first setting when SSH is
-    not selected) to the frozen base and the activations.
+    Activations are with or without checkpointing as the trainer decides for the model
+    (`gradient_checkpointing`: auto, on, off, as --gradient_checkpointing). Each base row's total
+    adds the adapter state of SSH n=750 (or of the first setting when SSH is not selected) to the
+    frozen base and the activations.
     """
     settings = paper_settings(methods)
     base_rows, adapter_rows = [], []
@@ -160,7 +178,8 @@ def run(
         persistence = 10 * config.hidden_size
         inv = inventory(meta_llama(config))
         tokens = micro_batch * seq_len
-        acts = activation_bytes(config, tokens)
+        checkpointing, _ = use_checkpointing(gradient_checkpointing, count_parameters(config))
+        acts = activation_bytes(config, tokens, checkpointing=checkpointing)
         per_setting = {}
         for setting in settings:
             numels = adapter_numels(config, setting)
@@ -175,7 +194,8 @@ def run(
                 base_rows.append({
                     "model": name, "precision": precision, "world_size": world, "tokens": tokens,
                     "base_per_rank": base["per_rank"], "quant_state": base["quant_state"],
-                    "act_checkpoints": acts["checkpoints"], "act_head": acts["head"], "act_layer": acts["layer_recompute"],
+                    "checkpointing": "on" if checkpointing else "off",
+                    "act_checkpoints": acts["checkpoints"], "act_head": acts["head"], "act_layer": acts["layers"],
                     "activations": acts["total"], "adapter_setting": total_with, "adapter_state": adapter,
                     "total": base["per_rank"] + acts["total"] + adapter,
                 })
@@ -185,7 +205,8 @@ def run(
 BASE_COLUMNS = [
     ("model", "model", ""), ("precision", "precision", ""), ("world_size", "W", "d"),
     ("base_per_rank", "frozen base/rank", "bytes"), ("quant_state", "of which quant state (whole)", "bytes"),
-    ("act_checkpoints", "act: ckpt", "bytes"), ("act_head", "act: head", "bytes"), ("act_layer", "act: 1 layer", "bytes"),
+    ("checkpointing", "grad ckpt", ""), ("act_checkpoints", "act: ckpt", "bytes"), ("act_head", "act: head", "bytes"),
+    ("act_layer", "act: layers", "bytes"),
     ("adapter_setting", "adapter", ""), ("adapter_state", "adapter state", "bytes"), ("total", "total/rank", "bytes"),
 ]
 
@@ -299,14 +320,15 @@ def measured_activations(config: Any, micro_batch: int = 2, seq_len: int = 64) -
     rope = model.model.rotary_emb(x, positions)
     inputs = params | {x.untyped_storage().data_ptr()}
     layer = _saved_bytes(lambda: model.model.layers[0](x, position_embeddings=rope, attention_mask=None), inputs)
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
+    model.enable_input_require_grads()  # as checkpointing does below: the same graph, every layer saved
+    plain = _saved_bytes(lambda: model(input_ids=ids, labels=ids), params)
     # checkpointing on: each layer keeps only its input; the recompute is what `layer` measured
     with warnings.catch_warnings():  # transformers 5 renamed it (FutureWarning); the old name works in 4.x too
         warnings.simplefilter("ignore", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
     whole = _saved_bytes(lambda: model(input_ids=ids, labels=ids), params)
-    return {"whole_model": whole, "layer_recompute": layer}
+    return {"whole_model": whole, "layer_recompute": layer, "whole_model_no_ckpt": plain}
 
 
 def validate(precisions: tuple[str, ...] = ("fp32", "bf16", *PRECISIONS[1:]), config: Any = None) -> list[dict[str, Any]]:
@@ -325,9 +347,13 @@ def validate(precisions: tuple[str, ...] = ("fp32", "bf16", *PRECISIONS[1:]), co
                      "rel_error": (formula - measured) / measured, "linear_bytes_per_param": per_param})
     batch, seq = 2, 64
     acts = activation_bytes(config, batch * seq)
+    plain = activation_bytes(config, batch * seq, checkpointing=False)
     measured = measured_activations(config, batch, seq)
-    for key, formula in (("whole_model", acts["checkpoints"] + acts["head"]), ("layer_recompute", acts["layer_recompute"])):
-        what = {"whole_model": "activations, checkpointed model (ckpt + head)", "layer_recompute": "activations, one layer recompute"}[key]
+    checks = (("whole_model", acts["checkpoints"] + acts["head"]), ("layer_recompute", acts["layer_recompute"]),
+              ("whole_model_no_ckpt", plain["total"]))
+    for key, formula in checks:
+        what = {"whole_model": "activations, checkpointed model (ckpt + head)", "layer_recompute": "activations, one layer recompute",
+                "whole_model_no_ckpt": "activations, no checkpointing (layers + head)"}[key]
         rows.append({"what": f"{what}, bf16, {batch}x{seq} tokens", "formula": formula, "measured": measured[key],
                      "rel_error": (formula - measured[key]) / measured[key]})
     return rows

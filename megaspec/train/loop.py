@@ -29,6 +29,7 @@ from megaspec.quant import (
     quantize_frozen_partitions,
     zero_weight_quantization,
 )
+from megaspec.train.activations import configure_activations
 from megaspec.train.checkpoint import (
     CHECKPOINTS,
     config_hash,
@@ -68,6 +69,7 @@ class TrainConfig:
     scale: float | None = None
     init: str = "zeros"
     s2ft_estimate_steps: int = 4  # s2ft: optimizer steps' worth of batches in the gradient estimate
+    s2ft_estimate_group_mb: int = 1024  # s2ft: fp32 estimate buffers held at once per rank (layer groups, megaspec.calibrate)
     max_steps: int = 100
     seq_len: int = 128
     lr: float | None = None  # None: the method's default (DEFAULT_LR)
@@ -85,6 +87,8 @@ class TrainConfig:
     max_skipped_steps: int = 10  # consecutive steps with a non-finite loss that are skipped; one more stops the run
     halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
     quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
+    gradient_checkpointing: str = "auto"  # on | off | auto: on above ~1B parameters (megaspec.train.activations)
+    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None: transformers' default
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig this run applies."""
@@ -337,8 +341,10 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
         what = f"restored from {ckpt / 'adapter'}"
     else:
         stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
-        info = calibrate_adapters(engine, (_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)))
-        what = f"calibrated on {info['calibration']['batches']} micro-batches per rank"
+        batches = [_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
+        info = calibrate_adapters(engine, batches, group_bytes=cfg.s2ft_estimate_group_mb * 2**20)
+        calibration = info["calibration"]
+        what = f"calibrated on {calibration['batches']} micro-batches per rank in {calibration['groups']} layer group(s)"
     info["digest"] = positions_digest(engine.module)
     if rank() == 0:
         print(f"{cfg.method} plan {what} (digest {info['digest'][:12]})", flush=True)
@@ -373,6 +379,9 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden)
     model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
+    activations = configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation)
+    if rank() == 0:
+        print(activations, flush=True)
     summary = apply_adapters(model, cfg.adapter_config(), defer_calibration=True)  # S2FT: calibrated below
     if rank() == 0:
         print(summary, flush=True)

@@ -23,6 +23,7 @@ import torch
 from megaspec.adapters import adapter_class
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
 from megaspec.model import SUPPORTED_MODEL_TYPES
+from megaspec.train.activations import check_attn_implementation, use_checkpointing
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
 from megaspec.train.data import (
     FILE_BUILDERS,
@@ -59,6 +60,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_seq_len(cfg.seq_len, model_config)
     check_tokenizer(cfg, model_config)
     check_adapters(cfg, model_config)
+    use_checkpointing(getattr(cfg, "gradient_checkpointing", "auto"), 0)  # a bad setting fails here
+    if getattr(cfg, "s2ft_estimate_group_mb", 1) < 1:
+        raise ConfigError(f"--s2ft_estimate_group_mb {cfg.s2ft_estimate_group_mb} must be at least 1")
+    check_attn_implementation(getattr(cfg, "attn_implementation", None), model_config)
     check_dataset(cfg.dataset)
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
