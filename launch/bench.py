@@ -250,6 +250,9 @@ def throughput(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megaspec.dist.comm import prefer_cpu_accelerator
+
+    prefer_cpu_accelerator()
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megaspec.dist.comm import prefer_cpu_accelerator
+
+    prefer_cpu_accelerator()
     args = parse_args(argv)
     from megaspec.export import ExportError, export, init_ranks
 

@@ -55,6 +55,9 @@ def sampling_problem(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megaspec.dist.comm import prefer_cpu_accelerator
+
+    prefer_cpu_accelerator()
     args = parse_args(argv)
     from megaspec.export import ExportError
     from megaspec.export.inference import complete, load_for_inference

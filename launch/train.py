@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run launch/train.py; the exit code says how the run ended (README "Troubleshooting")."""
+    from megaspec.dist.comm import prefer_cpu_accelerator
+
+    prefer_cpu_accelerator()
     args = parse_args(argv)
     import torch.distributed as dist
 

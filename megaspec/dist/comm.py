@@ -40,3 +40,16 @@ def to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_cpu(value) for value in obj)
     return obj
+
+
+def prefer_cpu_accelerator() -> None:
+    """Tell DeepSpeed to use its CPU accelerator when there is no CUDA GPU (megaspec runs on CUDA or CPU).
+
+    Left to detect it, DeepSpeed warns "Setting accelerator to CPU ... unable to detect it" on the
+    first import, a second line before every one-line error of the command-line tools. An explicit
+    $DS_ACCELERATOR is kept.
+    """
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
