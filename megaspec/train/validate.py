@@ -4,8 +4,9 @@ Every check reads only the arguments and files, never weights (JSON configs, the
 the tokenizer, a local dataset file streamed once without tokenizing, a run folder's saved state), so a
 bad input fails in seconds with one ConfigError/DataError line, before a process group exists and before the
 run folder is created or (with --overwrite) removed. The one exception is a .gguf --model: its header is
-checked first, then it is converted once into the cache (megaspec.gguf) and checked as that HF folder. The loop repeats the checks it can only do
-collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
+checked first, then it is converted once into the cache (megaspec.gguf) and checked as that HF folder.
+The loop repeats the checks it can only do collectively (output folder named by rank 0's clock, empty
+dataset after tokenising, digests).
 """
 
 from __future__ import annotations
