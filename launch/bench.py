@@ -10,6 +10,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py checkpointing [--models small,8b-2layers] [--seq-len 512] [--s2ft]
     python launch/bench.py selection
     python launch/bench.py quality
+    python launch/bench.py quality --real --methods ssh,lora --seeds 0 --lrs 0.03 --steps 200   # SmolLM2 on BoolQ
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
 """
 
@@ -217,9 +218,45 @@ def selection(args: argparse.Namespace) -> tuple[Any, str]:
 def quality(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import quality as bench
 
+    if args.real:
+        return real_quality(args)
     rows = bench.run(args.steps, args.seeds, args.methods, args.lrs, args.jobs, args.threads,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     return rows, bench.format_table(rows)
+
+
+def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import real_quality as bench
+
+    methods = None if args.methods is None else [m for m in args.methods if m != "peft_fourierft"]
+    rows = bench.run(args.model, args.dataset, args.test, methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
+                     args.n_coeffs, args.rank, args.eval_limit, args.device, getattr(torch, args.dtype),
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    return rows, bench.format_table(rows)
+
+
+def quality_inputs(args: argparse.Namespace) -> None:
+    """--real: the data files exist and the model can be had (a .gguf is checked from its header): ConfigError if not."""
+    if not args.real:
+        return
+    from megaspec.benchmarks import real_quality as bench
+
+    problem = bench.check_files(args.dataset, args.test)
+    if problem:
+        raise ConfigError(problem)
+    if args.model is None:
+        from megaspec.assets import AssetError
+
+        try:
+            args.model = bench.default_model()
+        except AssetError as e:
+            raise ConfigError(f"{e}; or pass --model") from None
+    if args.model.lower().endswith(".gguf"):
+        from megaspec.gguf import check_gguf
+
+        check_gguf(Path(args.model).expanduser())
+    elif not (Path(args.model).expanduser() / "config.json").is_file():
+        raise ConfigError(f"--model {args.model} is neither a .gguf file nor an HF model folder with config.json")
 
 
 def throughput_inputs(args: argparse.Namespace) -> None:
@@ -338,7 +375,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="a fixed lr list for every row instead of the sweep rule")
     p.add_argument("--jobs", type=count(1), default=2, help="rows run in this many worker processes")
     p.add_argument("--threads", type=count(1), default=1, help="torch threads per worker")
-    p.set_defaults(func=quality)
+    p.add_argument("--real", action="store_true",
+                   help="a real model on real data (megaspec.benchmarks.real_quality): exact match on held-out records")
+    p.add_argument("--model", default=None, help="--real: a .gguf file or HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dataset", default="data/boolq.jsonl", help="--real: prompt/response training file")
+    p.add_argument("--test", default=None, help="--real: held-out jsonl with answers (default: DATASET's .test.jsonl)")
+    p.add_argument("--n-coeffs", type=count(1), default=1000, help="--real: coefficients per layer, sparse-spectrum methods")
+    p.add_argument("--rank", type=count(1), default=8, help="--real: rank of low-rank methods and peft LoRA")
+    p.add_argument("--batch", type=count(1), default=8, help="--real: blocks per step")
+    p.add_argument("--seq-len", type=count(2), default=256, help="--real: tokens per block")
+    p.add_argument("--eval-limit", type=count(1), default=500, help="--real: test records scored")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="--real")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--real: the base's dtype")
+    p.set_defaults(func=quality, inputs=quality_inputs)
 
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and MFU of a LLaMA-3.1-8B-shaped model on one GPU")
     p.add_argument("--layers", type=count(2), default=None, help="decoder layers to build (default all 32)")

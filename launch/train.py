@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
     p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=d.ds_config, help="DeepSpeed JSON config")
-    p.add_argument("--model", default=None, help="local HF model folder or hub id (default: embedded tiny LLaMA)")
+    p.add_argument("--model", default=None, help="local HF model folder, .gguf file (converted once, megaspec.gguf) or hub id (default: embedded tiny LLaMA)")
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder, sentencepiece tokenizer.model, or hub id")
     p.add_argument("--dataset", default=None, help="local json/jsonl/parquet/txt, a saved datasets folder, or hub id")
     p.add_argument("--method", default=d.method, help="ssh | fourierft | s2ft | lora | smoa | spectral_a | spectral_r")

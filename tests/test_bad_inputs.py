@@ -112,6 +112,19 @@ def write_train_files(ws: Path) -> None:
     (ws / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
     (ws / "bad_config").mkdir()
     (ws / "bad_config" / "config.json").write_text('{"model_type": "llama",')
+    (ws / "text.gguf").write_text("not a model\n")
+    (ws / "gpt2.gguf").write_bytes(gguf_header("gpt2"))
+    (ws / "cut.gguf").write_bytes(gguf_header("llama")[:30])
+    (ws / "folder.gguf").mkdir()
+
+
+def gguf_header(architecture: str) -> bytes:
+    """The first bytes of a GGUF v3 file: magic, version, no tensors, one key (general.architecture)."""
+    import struct
+
+    key, value = b"general.architecture", architecture.encode()
+    return (struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 8)
+            + struct.pack("<Q", len(value)) + value)
 
 
 TRAIN = [
@@ -156,6 +169,11 @@ TRAIN = [
     Case("ds_bf16_not_bool", "train", train("--ds_config", "WS/bf16_yes.json"), 'bf16.enabled is "yes" but must be true, false or "auto"'),
     Case("model_gpt2", "train", train("--model", "WS/gpt2"), "is a gpt2; megaspec supports LLaMA-style decoders (llama, mistral, qwen2, qwen3)"),
     Case("model_config_broken", "train", train("--model", "WS/bad_config"), "config.json is not valid JSON"),
+    Case("gguf_missing", "train", train("--model", "WS/none.gguf"), "none.gguf does not exist; pass an existing .gguf file"),
+    Case("gguf_not_gguf", "train", train("--model", "WS/text.gguf"), "text.gguf is not a GGUF file (no GGUF magic bytes)"),
+    Case("gguf_gpt2", "train", train("--model", "WS/gpt2.gguf"), "gpt2.gguf is a gpt2 model; megaspec supports LLaMA-style decoders"),
+    Case("gguf_cut", "train", train("--model", "WS/cut.gguf"), "cut.gguf: the GGUF header is cut short"),
+    Case("gguf_folder", "train", train("--model", "WS/folder.gguf"), "folder.gguf is a folder named .gguf; pass the .gguf file itself"),
 ]
 
 
@@ -338,6 +356,10 @@ BENCH = [
     Case("selection_ranks_zero", "bench", bench("selection", "--ranks", "0"), "argument --ranks: 0 must be at least 1"),
     Case("quality_lrs_negative", "bench", bench("quality", "--lrs", "1e-2,-1"), "argument --lrs: -1 must be a finite number above 0"),
     Case("quality_jobs_zero", "bench", bench("quality", "--jobs", "0"), "argument --jobs: 0 must be at least 1"),
+    Case("quality_real_no_data", "bench", lambda ws: ["quality", "--real", "--dataset", str(ws / "none.jsonl")],
+         "none.jsonl does not exist; write it with python -m megaspec.assets boolq"),
+    Case("quality_real_not_a_model", "bench", lambda ws: ["quality", "--real", "--dataset", __file__, "--test", __file__,
+                                                           "--model", str(ws)], "is neither a .gguf file nor an HF model folder"),
     Case("throughput_layers_one", "bench", bench("throughput", "--layers", "1"), "argument --layers: 1 must be at least 2"),
     Case("throughput_peak_zero", "bench", bench("throughput", "--peak-tflops", "0"), "argument --peak-tflops: 0 must be a finite number above 0"),
     Case("unknown_subcommand", "bench", bench("speed"), "argument command: invalid choice: 'speed'"),

@@ -87,7 +87,7 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
     except (ValueError, TypeError) as e:  # bad JSON, unknown keys, wrong field types
         raise ExportError(f"{adapter_dir / CONFIG_NAME} is not a usable adapter config ({_first_line(e)}); re-save the adapter") from None
     if train_config.get("model"):
-        model = str(train_config["model"])
+        model = base_folder(path, train_config)
     else:
         from megaspec.train.embedded import embedded_base
 
@@ -100,6 +100,25 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
         model=model,
         layers=layers,
     )
+
+
+def base_folder(run_dir: Path, train_config: dict[str, Any]) -> str:
+    """The base the run trained on: its --model, or for a .gguf its converted HF folder (recorded, else converted again)."""
+    from megaspec.gguf import is_gguf, resolve_model
+
+    model = str(train_config["model"])
+    if not is_gguf(model):
+        return model
+    recorded = train_config.get("base_folder")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return str(recorded)
+    ds_config = run_dir / "ds_config.json"
+    raw = read_json(ds_config, "restore it from the run") if ds_config.is_file() else {}
+    dtype = torch.bfloat16 if raw.get("bf16", {}).get("enabled") is True else torch.float32  # as Run.dtype
+    try:
+        return str(resolve_model(model, dtype))
+    except ValueError as e:  # ConfigError: the .gguf is gone or unreadable
+        raise ExportError(f"the run's base {model} cannot be used ({_first_line(e)}); restore the .gguf file") from None
 
 
 def _first_line(e: Exception) -> str:

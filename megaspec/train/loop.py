@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import DEFAULT_TARGETS, AdapterConfig
 from megaspec.dist.comm import all_gather_object, rank, world_size
+from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import adapters_of, apply_adapters, load_plans, save_adapter
 from megaspec.quant import (
     bnb_config,
@@ -367,7 +368,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     import deepspeed
 
     beat.phase("setup (loading the tokenizer, model and data, planning the adapters)")
-    model_path = cfg.model or str(embedded_base())
+    model_path = resolve_model(cfg.model, run_dtype(raw_ds)) if cfg.model else str(embedded_base())  # a .gguf: its HF copy
     tokenizer = load_tokenizer(cfg.tokenizer or _model_tokenizer(model_path))
     out = resolve_output_dir(cfg)
     _check_output_dir(out, cfg)
@@ -408,7 +409,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
         if rank() == 0:
             print(f"resumed from {ckpt} at step {start_step}", flush=True)
     align_lr_schedule(engine, start_step)
-    _write_run_files(out, cfg, ds_config, summary, continuing=ckpt is not None and start_step < cfg.max_steps)
+    _write_run_files(out, cfg, ds_config, summary, continuing=ckpt is not None and start_step < cfg.max_steps, base=model_path)
 
     run_log = RunLogger(out, resume_step=start_step if cfg.resume else None)
     stop = StopSignal()
@@ -635,8 +636,12 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
         dist.barrier()
 
 
-def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool) -> None:
-    """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end."""
+def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:
+    """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end.
+
+    train_config.json also records `base_folder`, the HF folder the base was loaded from (for a .gguf
+    --model its converted copy, megaspec.gguf), which export and generate load.
+    """
     if rank() != 0:
         return
     if continuing:
@@ -646,6 +651,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         # adapter/ and final_metrics.json would say otherwise (issue 15); the checkpoints hold that state.
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "base_folder": base or None}, indent=1))
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))

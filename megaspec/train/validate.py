@@ -3,8 +3,10 @@
 Every check reads only the arguments and files, never weights (JSON configs, the model's config.json,
 the tokenizer, a local dataset file streamed once without tokenizing, a run folder's saved state), so a
 bad input fails in seconds with one ConfigError/DataError line, before a process group exists and before the
-run folder is created or (with --overwrite) removed. The loop repeats the checks it can only do
-collectively (output folder named by rank 0's clock, empty dataset after tokenising, digests).
+run folder is created or (with --overwrite) removed. The one exception is a .gguf --model: its header is
+checked first, then it is converted once into the cache (megaspec.gguf) and checked as that HF folder.
+The loop repeats the checks it can only do collectively (output folder named by rank 0's clock, empty
+dataset after tokenising, digests).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from megaspec.adapters import adapter_class
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
@@ -56,9 +59,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     raw_ds = read_ds_config(cfg.ds_config)
     check_ds_numbers(raw_ds, cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
-    model_config = load_model_config(cfg.model)
+    model = resolve_model(cfg.model, run_dtype(raw_ds))  # a .gguf: checked from its header, then converted once (cached)
+    model_config = load_model_config(model)
     check_seq_len(cfg.seq_len, model_config)
-    check_tokenizer(cfg, model_config)
+    check_tokenizer(cfg, model_config, model)
     check_adapters(cfg, model_config)
     use_checkpointing(getattr(cfg, "gradient_checkpointing", "auto"), 0)  # a bad setting fails here
     if getattr(cfg, "s2ft_estimate_group_mb", 1) < 1:
@@ -272,7 +276,7 @@ def load_model_config(model: str | None) -> Any:
     if not path.exists() and _looks_like_path(model):
         raise ConfigError(f"--model {model} does not exist; pass a local HF model folder or a hub id")
     if path.is_file():
-        raise ConfigError(f"--model {model} is a file; pass the HF model folder that holds config.json")
+        raise ConfigError(f"--model {model} is a file; pass the HF model folder that holds config.json, or a .gguf file")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"--model {model} has no config.json; pass a folder written by save_pretrained")
     if path.is_dir():
@@ -311,9 +315,9 @@ def check_seq_len(seq_len: int, model_config: Any) -> None:
         raise ConfigError(f"--seq_len {seq_len} exceeds the model's max_position_embeddings {limit}; use --seq_len {limit} or less")
 
 
-def check_tokenizer(cfg: TrainConfig, model_config: Any) -> None:
-    """The tokenizer loads and every id it emits has a row in the model's embedding."""
-    source = cfg.tokenizer or _model_tokenizer(cfg.model)
+def check_tokenizer(cfg: TrainConfig, model_config: Any, model: str | None = None) -> None:
+    """The tokenizer loads and every id it emits has a row in the model's embedding (`model`: --model as resolved)."""
+    source = cfg.tokenizer or _model_tokenizer(model if model is not None else cfg.model)
     tokenizer = load_tokenizer(source)
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
