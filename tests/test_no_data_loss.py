@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -340,7 +341,7 @@ def test_heartbeat_reports_a_long_phase_once_per_period_and_restarts_with_a_new_
     from megaspec.train.heartbeat import Heartbeat
 
     stream = io.StringIO()
-    beat = Heartbeat(after=0.3, rank=1, stream=stream)
+    beat = Heartbeat(after=0.3, rank=1, stream=stream, world=2)
     beat.phase("step 7 (forward, backward, optimizer)")
     time.sleep(0.75)
     beat.phase("checkpoint of step 7")
@@ -367,3 +368,31 @@ def test_void_updates_count_toward_divergence_like_skipped_steps() -> None:
                               "finite and gradient norm is not finite at step 4: 3 steps in a row (from step 2)"), message
     guard.end_step(skipped=False, grad_norm=None)  # a config that does not compute the norm: nothing to judge
     assert guard.streak == 0 and not guard.diverged()
+
+
+def test_a_single_rank_heartbeat_does_not_speak_of_peers() -> None:
+    from megaspec.train.heartbeat import Heartbeat
+
+    stream = io.StringIO()
+    beat = Heartbeat(after=0.2, rank=0, stream=stream, world=1)
+    beat.phase("eval at step 50")
+    time.sleep(0.35)
+    beat.stop()
+    assert stream.getvalue().splitlines() == ["megaspec: heartbeat: rank 0 still in eval at step 50 after 0 s"]
+
+
+@pytest.mark.slow
+def test_a_rendezvous_port_in_use_is_one_line(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**cpu_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *FAST, "--output_dir", str(tmp_path / "run")],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"127.0.0.1:{port} is already in use" in errors[0] and "--master_port" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -114,7 +114,16 @@ def init_distributed() -> None:
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
+        except Exception as exc:
+            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+                port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
+                raise ConfigError(
+                    f"the rendezvous port {addr}:{port} is already in use (another job on this node?); pass another "
+                    "one: deepspeed --master_port PORT ..., torchrun --master_port PORT ..., or MASTER_PORT=PORT"
+                ) from exc
+            raise
         release_shm_buffers()
 
 
