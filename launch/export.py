@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", default=None, help="adapter folder to export (default RUN/adapter; e.g. a checkpoint's)")
     p.add_argument("--max_shard_size", type=positive_float, default=5.0, help="merged: GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--merge_base", choices=("original", "dequantized"), default=None,
+                   help="merged, --quantize runs: add the update to the base checkpoint's own weights (the default "
+                        "when its safetensors are at hand) or to the dequantized weights the run trained against")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export(
             args.run, args.out, args.format, rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
-            overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3),
+            overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3), merge_base=args.merge_base,
         )
     except (ExportError, OSError) as e:  # OSError: --out or the base became unreadable or unwritable mid-way
         if os.environ.get("RANK", "0") == "0":

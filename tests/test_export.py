@@ -204,13 +204,48 @@ def test_model_source_matches_checkpoint_source(runs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_merged_from_a_quantized_base_is_dequantized(tmp_path):
+def test_merged_from_a_quantized_base_onto_the_dequantized_weights(tmp_path):
     pytest.importorskip("bitsandbytes")
     run = make_run(tmp_path, "ssh", quantize="nf4")
     out = tmp_path / "merged"
-    export(run, out, "merged", log=None)
+    report = export(run, out, "merged", log=None, merge_base="dequantized")
+    assert report["merge_base"] == "dequantized"
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
     torch.testing.assert_close(logits(merged_model(out)), logits(adapted_model(run, quantize=True)), atol=ATOL, rtol=RTOL)
+
+
+def test_merged_from_a_quantized_base_defaults_to_the_original_weights(tmp_path):
+    """QLoRA users merge onto the original checkpoint: the adapter on the fp32 base, not on its nf4 version."""
+    pytest.importorskip("bitsandbytes")
+    run = make_run(tmp_path, "ssh", quantize="nf4")
+    out = tmp_path / "merged"
+    report = export(run, out, "merged", log=None)
+    assert report["merge_base"] == "original"
+    torch.testing.assert_close(logits(merged_model(out)), logits(adapted_model(run)), atol=ATOL, rtol=RTOL)
+    on_nf4 = logits(adapted_model(run, quantize=True))
+    assert (logits(merged_model(out)) - on_nf4).abs().max() > 100 * ATOL  # the two bases really differ
+
+
+def test_an_update_that_reads_w0_is_computed_on_the_weights_the_run_trained_against(tmp_path):
+    """SMoA's dW = (B A) * W0[R, C]: merged onto the original base, W0 inside dW is still the dequantized one."""
+    pytest.importorskip("bitsandbytes")
+    run = make_run(tmp_path, "smoa", quantize="nf4")
+    out = tmp_path / "merged"
+    export(run, out, "merged", log=None, merge_base="original")
+    merged = load_file(str(out / "model.safetensors"))
+    original = dict(base_model().named_parameters())
+    on_nf4 = adapted_model(run, quantize=True)
+    for name, adapter in adapters_of(on_nf4).items():
+        with torch.no_grad():
+            want = original[f"{name}.weight"].detach().double() + adapter.delta_weight().double()
+        torch.testing.assert_close(merged[f"{name}.weight"].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_base_applies_to_merged_exports_only(tmp_path):
+    run = make_run(tmp_path, "ssh")
+    with pytest.raises(ExportError, match="--merge_base applies to --format merged only"):
+        export(run, tmp_path / "peft", "peft", log=None, merge_base="original")
+    assert not (tmp_path / "peft").exists()
 
 
 @pytest.mark.slow

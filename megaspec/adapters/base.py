@@ -101,6 +101,8 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""
     # whether plan_layer needs the dense frozen weight (it is gathered only for those that do)
     needs_weight: ClassVar[bool] = False
+    # whether delta_weight reads the frozen weight W0 (export then gives it the weights the run trained against)
+    update_reads_weight: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig, name: str, n_layers: int = 1) -> None:
         super().__init__()

@@ -48,6 +48,7 @@ from megaspec.spectral.lowrank import offsets, spectral_order, split_sizes
 class SMoAAdapter(Adapter):
     method = "smoa"
     needs_weight = True
+    update_reads_weight = True  # dW = (B_k A_k) * W0[R_k, C_k]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -62,6 +62,33 @@ def open_source(run: Run) -> Source:
     return ModelSource(load_base(run))
 
 
+MERGE_BASES = ("original", "dequantized")
+
+
+def merge_sources(run: Run, adapters: dict[str, Any], merge_base: str | None) -> tuple[Source, Source | None, str]:
+    """The base a merged export adds the update to, the trained-against weights if an update reads W0, and the choice.
+
+    A run on a bitsandbytes base trained against dequantized 4/8-bit weights. `original` merges
+    onto the checkpoint's own weights, as QLoRA users merge (the default when that checkpoint's
+    safetensors are at hand); `dequantized` onto the weights the run saw. Unquantized runs have
+    one base, and both names mean it.
+    """
+    if merge_base is not None and merge_base not in MERGE_BASES:
+        raise ExportError(f"unknown --merge_base {merge_base!r}; choose one of {', '.join(MERGE_BASES)}")
+    if run.quantize == "none":
+        return open_source(run), None, "original"
+    if merge_base == "dequantized":
+        return open_source(run), None, "dequantized"
+    try:
+        original = CheckpointSource(local_model_folder(run.model))
+    except ExportError as e:
+        if merge_base == "original":
+            raise ExportError(f"--merge_base original needs the base's safetensors: {e}; pass --merge_base dequantized") from e
+        return open_source(run), None, "dequantized"
+    reads = any(adapter.update_reads_weight for adapter in adapters.values())
+    return original, (open_source(run) if reads else None), "original"
+
+
 def write_model_files(run: Run, folder: Path, dtype: torch.dtype | None) -> None:
     """config.json (dtype set, quantization removed), generation_config.json and the tokenizer."""
     from transformers import AutoConfig, GenerationConfig
@@ -97,14 +124,21 @@ def export(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     log: Callable[[str], None] | None = print,
+    merge_base: str | None = None,
 ) -> dict[str, Any]:
-    """Export a run in `format` (merged | peft | megaspec) to `out`; returns a report (rank 0's is complete)."""
+    """Export a run in `format` (merged | peft | megaspec) to `out`; returns a report (rank 0's is complete).
+
+    merge_base (merged, quantized runs): "original" or "dequantized" weights under the update
+    (merge_sources); None picks original when the base checkpoint has safetensors.
+    """
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if rank is not None and (format != "peft" or rank < 1):
         raise ExportError("--rank takes a positive rank and applies to --format peft only")
+    if merge_base is not None and format != "merged":
+        raise ExportError("--merge_base applies to --format merged only (a peft or megaspec adapter carries no base)")
     out = Path(out)
     check_out(out, overwrite)
     run = open_run(run_dir, adapter)
@@ -113,7 +147,9 @@ def export(
     start = time.perf_counter()
     with staged(out) as folder:
         if format == "merged":
-            report = write_merged(open_source(run), adapters, folder, torch_dtype, max_shard_bytes)
+            base, trained, chosen = merge_sources(run, adapters, merge_base)
+            report = write_merged(base, adapters, folder, torch_dtype, max_shard_bytes, trained=trained)
+            report.update(merge_base=chosen, quantized=run.quantize != "none")
             if folder is not None:
                 write_model_files(run, folder, torch_dtype)
         elif format == "peft":
@@ -136,6 +172,10 @@ def describe(report: dict[str, Any]) -> str:
     for name, value in report.get("relative_update", {}).items():
         lines.append(f"  {name:<44} ||dW||/||W0|| = {value:.3e}")
     head = f"exported {report['method']} run as {report['format']}"
+    if report.get("merge_base") == "original" and report.get("quantized"):
+        head += " onto the original base weights"
+    elif report.get("merge_base") == "dequantized":
+        head += " onto the dequantized base weights"
     if "peft_type" in report:
         head += f" ({report['peft_type']})"
     if "shards" in report:

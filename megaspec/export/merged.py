@@ -31,10 +31,16 @@ def my_rows(m: int, me: int, world: int) -> torch.Tensor:
     return torch.arange(min(me * size, m), min((me + 1) * size, m))
 
 
-def merged_rows(adapter: Adapter, weight: torch.Tensor, rows: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """W0[rows] + dW[rows] in fp32 (dW in float64, see update_rows), `block` rows at a time; weight: dense fp32 W0."""
+def merged_rows(
+    adapter: Adapter, weight: torch.Tensor, rows: torch.Tensor, block: int = 1024, trained: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W0[rows] + dW[rows] in fp32 (dW in float64, see update_rows), `block` rows at a time; weight: dense fp32 W0.
+
+    `trained`: the weight the run trained against, for an update that reads W0 (SMoA) when the
+    base merged onto is another one (a quantized run merged onto its original weights).
+    """
     out = torch.empty(rows.numel(), weight.shape[1], dtype=torch.float32)
-    delta = update_rows(adapter, weight)
+    delta = update_rows(adapter, weight if trained is None else trained)
     for start in range(0, rows.numel(), block):
         ids = rows[start : start + block]
         out[start : start + ids.numel()] = (weight[ids].double() + delta(ids)).float()
@@ -110,10 +116,13 @@ def write_merged(
     folder: Path | None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    trained: Source | None = None,
 ) -> dict[str, Any]:
     """Stream base + update into `folder` (rank 0's; None on other ranks). Collective across ranks.
 
-    dtype None keeps each tensor's stored dtype (dequantized weights stay fp32).
+    dtype None keeps each tensor's stored dtype (dequantized weights stay fp32). `trained`: where
+    an update that reads W0 finds the weights the run trained against, when `source` is another
+    base (read only for those adapters).
     """
     names = source.names()
     weight_of = {f"{layer}.weight": layer for layer in adapters}
@@ -132,7 +141,9 @@ def write_merged(
             continue
         raw = source.read(name, wanted=True)
         stored, weight = raw.dtype, raw.float()
-        part = merged_rows(adapters[layer], weight, my_rows(weight.shape[0], me, world))
+        reads = trained is not None and adapters[layer].update_reads_weight
+        seen = trained.read(name, wanted=True).float() if reads else None
+        part = merged_rows(adapters[layer], weight, my_rows(weight.shape[0], me, world), trained=seen)
         merged = gather_rows(part, weight.shape[0])
         if writer is not None:
             norms[layer] = float((merged - weight).norm() / weight.norm().clamp_min(1e-30))
