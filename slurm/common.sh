@@ -42,9 +42,14 @@ rendezvous() {
 
 # run_and_requeue FORWARD COMMAND...: run COMMAND in the background until it ends. On USR1 or
 # TERM this script calls `FORWARD PID` (PID: the command's), which must get USR1 to the ranks: they
-# finish the step, write a checkpoint and exit 75 (stopped, resume later). Returns the command's
-# status; after a USR1 and exit 75 it requeues the job first (unless MEGASPEC_REQUEUE=0). TERM never requeues from
-# here: scancel means stop, and a PreemptMode=REQUEUE partition requeues by itself.
+# finish the step, write a checkpoint and exit 75 (stopped, resume later). Returns 75 when the ranks
+# stopped so, else the command's status; after a USR1 and such a stop it requeues the job first
+# (unless MEGASPEC_REQUEUE=0). TERM never requeues from here: scancel means stop, and a
+# PreemptMode=REQUEUE partition requeues by itself.
+#
+# "Stopped so" is exit 75, or a checkpoint written after the signal: srun --kill-on-bad-exit ends
+# the tasks still running once the first one exits 75 (one DeepSpeed launcher per node notices its
+# ranks' exit up to a second later than the other), and then reports 143, not 75.
 run_and_requeue() {
     _forward=$1
     shift
@@ -60,6 +65,10 @@ run_and_requeue() {
         wait "$_pid" || status=$?
         ((_signals > seen && status > 128)) || break
     done
+    if [[ -n $_stop_signal && $status != "$EXIT_STOPPED" && $(_latest) != "$_latest_at_signal" && -n $(_latest) ]]; then
+        echo "megaspec: the ranks wrote checkpoint $(_latest) after SIG$_stop_signal and ended with $status: stopped"
+        status=$EXIT_STOPPED
+    fi
     if [[ $_stop_signal == USR1 && $status == "$EXIT_STOPPED" && ${MEGASPEC_REQUEUE:-1} == 1 ]]; then
         echo "megaspec: checkpoint written; requeueing job $SLURM_JOB_ID"
         # SLURM answers at once with SIGTERM to every process of this run, scontrol included: both
@@ -70,11 +79,18 @@ run_and_requeue() {
     return "$status"
 }
 
+# The checkpoint tag `latest` names in the run folder (empty when there is none).
+_latest() {
+    cat "${output_dir:-}/checkpoints/latest" 2>/dev/null || true
+}
+
 EXIT_STOPPED=75 # launch/train.py: stopped early with a checkpoint (megaspec/train/errors.py)
 _signals=0
 _stop_signal=
+_latest_at_signal=
 _on_signal() {
     _signals=$((_signals + 1))
+    [[ -n $_stop_signal ]] || _latest_at_signal=$(_latest)
     _stop_signal=$1
     echo "megaspec: got SIG$1: the ranks write a checkpoint at the end of this step and exit"
     "$_forward" "$_pid"
