@@ -110,6 +110,8 @@ def load_quantized_zero3(folder: str | Path, ds_config: dict[str, Any], quantize
 
     files = checkpoint_files(folder)
     model, quantizer = skeleton(folder, quantize, dtype)
+    # as from_pretrained: tied weights (tie_word_embeddings) share the one the checkpoint holds
+    model.tie_weights(missing_keys={n for n, _ in model.named_parameters(remove_duplicate=False) if n not in files})
     entries = _entries(model, files)
     init = deepspeed.zero.Init(config_dict_or_path=ds_config)  # its partitioning rules; never entered as a context
     device = init.local_device
