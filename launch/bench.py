@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|selection|quality|throughput> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|selection|quality|throughput|load> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -10,6 +10,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py selection
     python launch/bench.py quality
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
+    python launch/bench.py load                           # per-rank peak of loading bf16/nf4/int8 under ZeRO-3, 1 and 2 CPU ranks
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def throughput(args: argparse.Namespace) -> tuple[Any, str] | None:
     return rows, bench.format_table(rows)
 
 
+def load(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import load as bench
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    result = bench.run(_ints(args.world_sizes), tuple(args.precisions.split(",")), tuple(args.paths.split(",")), overrides, args.folder)
+    return result, bench.format_table(result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +223,14 @@ def main() -> None:
                    help="deepspeed: the trainer's ZeRO-3 engine on one rank (default); plain: PyTorch and AdamW alone")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"), help="DeepSpeed config of --engine deepspeed")
     p.set_defaults(func=throughput)
+
+    p = sub.add_parser("load", parents=[common], help="per-rank peak memory and time of loading the base under ZeRO-3, whole vs quantize on load")
+    p.add_argument("--world-sizes", default="1,2", help="CPU rank counts")
+    p.add_argument("--precisions", default="bf16,nf4,int8")
+    p.add_argument("--paths", default="whole,stream", help="whole (from_pretrained on every rank), stream (quantize on load)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the synthetic model (default 16: 0.55B parameters)")
+    p.add_argument("--folder", default=None, help="write (or reuse) the synthetic checkpoint here instead of a temporary folder")
+    p.set_defaults(func=load)
 
     args = parser.parse_args()
     header = machine()
