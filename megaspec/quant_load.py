@@ -160,10 +160,11 @@ def _entries(model: nn.Module, files: dict[str, Path]) -> list[tuple[list[tuple[
 def _zero_param(init: Any, holders: list[tuple[nn.Module, str]], device: torch.device) -> nn.Parameter:
     """A real parameter of the placeholder's final (packed) shape and dtype, partitioned by `init`, set on its modules.
 
-    Its full-size data is torch.empty and only this rank's window of it is read (by DeepSpeed's own
-    partitioning, which also places the shard: offload, pinning, hpZ's secondary copy), then freed:
-    on a CPU the untouched pages are never backed by memory. Skipped on purpose: zero.Init's
-    broadcast of every parameter from rank 0 (_zero_init_param), which would send the whole model.
+    Its full-size data is an untouched torch.empty in host memory, whose pages are never backed by
+    memory: DeepSpeed's own partitioning copies only this rank's window of it into the shard it
+    allocates where the config says (GPU, CPU offload, pinned, hpZ's secondary copy), then the
+    emptied data moves to the device, as ZeRO-3 keeps it. Skipped on purpose: zero.Init's broadcast
+    of every parameter from rank 0 (_zero_init_param), which would send the whole model.
     """
     bnb = _bnb()
     module, key = holders[0]
@@ -171,19 +172,19 @@ def _zero_param(init: Any, holders: list[tuple[nn.Module, str]], device: torch.d
     if isinstance(placeholder, bnb.nn.Params4bit):
         storage = placeholder.quant_storage
         packed = (math.prod(placeholder.shape) + 1) // 2 // storage.itemsize  # bnb's packed length
-        param = bnb.nn.Params4bit(torch.empty((packed, 1), dtype=storage, device=device), requires_grad=False,
+        param = bnb.nn.Params4bit(torch.empty((packed, 1), dtype=storage), requires_grad=False,
                                   blocksize=placeholder.blocksize, compress_statistics=placeholder.compress_statistics,
                                   quant_type=placeholder.quant_type, quant_storage=storage, module=module, bnb_quantized=True)
     elif isinstance(placeholder, bnb.nn.Int8Params):
-        param = bnb.nn.Int8Params(torch.empty(placeholder.shape, dtype=torch.int8, device=device), requires_grad=False,
+        param = bnb.nn.Int8Params(torch.empty(placeholder.shape, dtype=torch.int8), requires_grad=False,
                                   has_fp16_weights=False)
     else:
-        param = nn.Parameter(torch.empty(placeholder.shape, dtype=placeholder.dtype, device=device),
-                             requires_grad=placeholder.requires_grad)
+        param = nn.Parameter(torch.empty(placeholder.shape, dtype=placeholder.dtype), requires_grad=placeholder.requires_grad)
     for holder, holder_key in holders:
         holder._parameters[holder_key] = param
     init._convert_to_deepspeed_param(param)
     param.partition()
+    param.data = torch.empty(0, dtype=param.dtype, device=device)  # gathers land on param.device
     return param
 
 

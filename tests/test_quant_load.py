@@ -44,10 +44,10 @@ def odd_dir(tmp_path_factory) -> Path:
     return save_sharded(tmp_path_factory.mktemp("odd") / "model", ODD, torch.bfloat16)
 
 
-def ds_config(bf16: bool = False) -> dict:
+def ds_config(bf16: bool = False, name: str = "zero3.json") -> dict:
     from megaspec.train.dsconfig import resolve_ds_config
 
-    raw = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    raw = json.loads((REPO / "ds_configs" / name).read_text())
     raw["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every weight, however small
     config = resolve_ds_config(raw, lr=1e-2, max_steps=STEPS, warmup_steps=1, hidden_size=WIDE["hidden_size"])
     return {**config, "bf16": {"enabled": bf16}}
@@ -170,10 +170,11 @@ def _plain_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in params.items()}
 
 
-def _train(model: torch.nn.Module, config: dict) -> list[float]:
+def _train(model: torch.nn.Module, config: dict) -> tuple[list[float], str]:
+    """5 steps of SSH (planned by global selection on the loaded base): the losses, and the plan's digest."""
     import deepspeed
 
-    apply_adapters(model, SSH)
+    digest = apply_adapters(model, SSH).plan["digest"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     torch.manual_seed(1)
@@ -184,7 +185,7 @@ def _train(model: torch.nn.Module, config: dict) -> list[float]:
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
-    return losses
+    return losses, digest
 
 
 def _stream_worker(wide: str, odd: str) -> dict:
@@ -198,9 +199,11 @@ def _stream_worker(wide: str, odd: str) -> dict:
     quant_load.CHUNK_ELEMENTS = CHUNK
     reads = _record_reads(quant_load)
     out: dict = {"cases": {}}
-    cases = [(wide, kind, False) for kind in ("nf4", "fp4", "int8")] + [(wide, "nf4", True), (odd, "nf4", True), (odd, "int8", False)]
-    for folder, kind, bf16 in cases:
-        config = ds_config(bf16)
+    cases = [(wide, kind, False, "zero3.json") for kind in ("nf4", "fp4", "int8")]
+    cases += [(wide, "nf4", True, "zero3.json"), (odd, "nf4", True, "zero3.json"), (odd, "int8", False, "zero3.json"),
+              (wide, "int8", False, "zero3_offload.json")]
+    for folder, kind, bf16, name in cases:
+        config = ds_config(bf16, name)
         whole = build_model(folder, config, kind, quant_load="whole")
         names = decoder_linears(whole)
         want, want_plain, want_bytes = {n: _gathered_dense(whole, [n])[n] for n in names}, _plain_params(whole), frozen_bytes(whole, names)
@@ -215,7 +218,7 @@ def _stream_worker(wide: str, odd: str) -> dict:
         case["plain_equal"] = plain.keys() == want_plain.keys() and all(torch.equal(plain[n], want_plain[n]) for n in plain)
         source = ModelSource(model)  # what export's merge reads: gathered and dequantized one tensor at a time
         case["merge_source_equal"] = all(torch.equal(source.read(f"{n}.weight", True), want[n]) for n in names)
-        out["cases"][f"{Path(folder).parent.name} {kind} {'bf16' if bf16 else 'fp32'}"] = case
+        out["cases"][f"{Path(folder).parent.name} {kind} {'bf16' if bf16 else 'fp32'} {name}"] = case
     for kind in ("nf4", "int8"):
         for mode in ("whole", "stream"):
             out[f"{kind} {mode} losses"] = _train(build_model(wide, ds_config(), kind, quant_load=mode), ds_config())
@@ -243,7 +246,8 @@ def test_two_ranks_quantize_on_load_bit_for_bit(wide_dir, odd_dir):
             assert loaded["partition"] == case["shards"], label
             assert case["reads"] <= CHUNK, (label, case["reads"])
         for kind in ("nf4", "int8"):
-            stream, whole_losses = out[f"{kind} stream losses"], out[f"{kind} whole losses"]
+            (stream, stream_plan), (whole_losses, whole_plan) = out[f"{kind} stream losses"], out[f"{kind} whole losses"]
+            assert stream_plan == whole_plan, kind  # the same positions chosen
             assert stream == whole_losses, (kind, stream, whole_losses)
             assert stream[-1] < stream[0]
     assert ranks[0]["nf4 stream losses"] == ranks[1]["nf4 stream losses"]
