@@ -20,6 +20,7 @@ MEGASPEC_QUANT_LOAD=whole (or build_model(..., quant_load="whole")) keeps the ol
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -127,9 +128,34 @@ def load_quantized_zero3(folder: str | Path, ds_config: dict[str, Any], quantize
             _fill_int8(param, files[name], name, dtype, device)
         else:
             _fill_plain(param, files[name], name)
+        _release_freed_memory()
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
     return model.eval()
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim); a no-op elsewhere.
+
+    The chunk buffers (16 MB fp32 at CHUNK_ELEMENTS) fall under glibc's mmap threshold once it has
+    adapted, so they come from the heap, between the shards that stay; without trimming, the freed
+    space of every tensor's buffers stays resident (measured: +0.7 GiB on a 0.5B nf4 load).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _bnb() -> Any:
