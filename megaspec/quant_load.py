@@ -61,6 +61,12 @@ def streams(model: str, ds_config: dict[str, Any], quantize: str, mode: str | No
     return mode == "stream" or Path(model).expanduser().is_dir()
 
 
+def check_checkpoint(model: str, ds_config: dict[str, Any], quantize: str) -> None:
+    """Before any rank starts: a checkpoint build_model would quantize on load must be safetensors."""
+    if streams(model, ds_config, quantize):
+        checkpoint_files(model)
+
+
 def checkpoint_files(folder: str | Path) -> dict[str, Path]:
     """Tensor name -> safetensors file of a local HF checkpoint, or one CheckpointError naming the fix."""
     folder = Path(folder).expanduser()
