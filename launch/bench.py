@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -12,6 +12,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py quality
     python launch/bench.py quality --real --methods ssh,lora --seeds 0 --lrs 0.03 --steps 200   # SmolLM2 on BoolQ
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
+    python launch/bench.py load                           # per-rank peak of loading bf16/nf4/int8 under ZeRO-3, 1 and 2 CPU ranks
 """
 
 from __future__ import annotations
@@ -286,6 +287,15 @@ def throughput(args: argparse.Namespace) -> tuple[Any, str]:
     return rows, bench.format_table(rows)
 
 
+def load(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import load as bench
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    precisions, paths = tuple(args.precisions or ("bf16", "nf4", "int8")), tuple(args.paths or ("whole", "stream"))
+    result = bench.run(args.world_sizes, precisions, paths, overrides, args.folder)
+    return result, bench.format_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megaspec.dist.comm import prefer_cpu_accelerator
 
@@ -402,6 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="deepspeed: the trainer's ZeRO-3 engine on one rank (default); plain: PyTorch and AdamW alone")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"), help="DeepSpeed config of --engine deepspeed")
     p.set_defaults(func=throughput, inputs=throughput_inputs)
+
+    p = sub.add_parser("load", parents=[common], help="per-rank peak memory and time of loading the base under ZeRO-3, whole vs quantize on load")
+    p.add_argument("--world-sizes", default="1,2", type=counts(1), help="CPU rank counts")
+    p.add_argument("--precisions", default="bf16,nf4,int8", type=one_of(lambda: ["bf16", "nf4", "int8"], "precision"))
+    p.add_argument("--paths", default="whole,stream", type=one_of(lambda: ["whole", "stream"], "path"),
+                   help="whole (from_pretrained on every rank), stream (quantize on load)")
+    p.add_argument("--layers", type=count(1), default=None, help="decoder layers of the synthetic model (default 16: 0.55B parameters)")
+    p.add_argument("--folder", default=None, help="write (or reuse) the synthetic checkpoint here instead of a temporary folder")
+    p.set_defaults(func=load)
 
     args = parser.parse_args(argv)
     try:

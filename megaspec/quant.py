@@ -7,8 +7,9 @@ output row). Embeddings, norms and lm_head stay in the run's dtype (bnb never co
 
 Under ZeRO-3 transformers loads a quantized model whole on every rank (it skips zero.Init for
 quantized models); deepspeed.initialize then partitions the packed weights like any frozen
-parameter. The quantization state (absmax, code tables, int8 row scales) is not a parameter:
-it stays whole on every rank.
+parameter. megaspec.quant_load builds the same partitioned model without the whole copy, by
+quantizing on load. The quantization state (absmax, code tables, int8 row scales) is not a
+parameter: it stays whole on every rank.
 """
 
 from __future__ import annotations

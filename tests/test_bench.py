@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megaspec.adapters import ADAPTERS
-from megaspec.benchmarks import memory, overhead, params, quality, selection, throughput
+from megaspec.benchmarks import load, memory, overhead, params, quality, selection, throughput
 from megaspec.benchmarks.common import meta_llama, paper_settings, table
 
 from .distributed import REPO
@@ -158,6 +158,39 @@ def test_memory_formula_matches_measured_bytes_on_tiny_models():
         assert abs(row["rel_error"]) < 0.02, row
     nf4 = next(r for r in rows if r["what"].endswith(", nf4"))
     assert nf4["linear_bytes_per_param"] == pytest.approx(0.5 + 4 / 64, abs=0.002)  # one fp32 absmax per 64
+
+
+def test_memory_load_peak_is_the_base_share_plus_the_largest_tensor():
+    result = memory.run(["llama-3-70b"], ("bf16", "nf4", "nf4-dq", "int8"), (1, 8), methods=["ssh"])
+    rows = {(r["precision"], r["world_size"]): r for r in result["base"]}
+    embedding = 2 * 128256 * 8192  # the largest LLaMA-3-70B tensor, bf16
+    for precision in ("bf16", "nf4-dq", "int8"):
+        assert rows[precision, 8]["load_peak"] == rows[precision, 8]["base_per_rank"] + embedding
+    assert rows["nf4", 8]["load_peak"] is None and rows["bf16", 8]["whole_load"] is None  # no megaspec load path
+    assert rows["nf4-dq", 8]["whole_load"] == rows["nf4-dq", 1]["base_per_rank"]  # the old load: all of it per rank
+    assert rows["nf4-dq", 8]["load_peak"] < 8e9  # issue 16's target
+
+
+def test_load_checkpoint_writer_shards_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = load.write_checkpoint(tmp_path / "ckpt", {**load.SYNTHETIC, **TINY}, shard_bytes=200_000)
+    stats = load.checkpoint_stats(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16 and stats["params"] == sum(p.numel() for p in model.parameters())
+    assert stats["bytes"] == 2 * stats["params"] and stats["largest_tensor"] == 2 * 512 * 128 and stats["shards"] > 2
+    assert torch.equal(model.model.norm.weight, torch.ones(128, dtype=torch.bfloat16))
+
+
+@pytest.mark.slow
+def test_load_bench_rows_on_one_rank(tmp_path):
+    """`bench load` on a tiny model: quantize on load holds shards and quant state only; the bound is computed from them."""
+    pytest.importorskip("bitsandbytes")
+    result = load.run((1,), ("nf4",), ("stream",), {**TINY, "intermediate_size": 512}, str(tmp_path))
+    (row,) = result["rows"]
+    assert row["path"] == "stream" and row["whole"] == 0 and row["shards"] > 0 and row["quant_state"] > 0
+    assert 0 < row["peak"] and row["bound"] == row["shards"] + row["quant_state"] + result["checkpoint"]["largest_tensor"]
+    assert "peak/bound" in load.format_table(result)
 
 
 def test_selection_layer_and_combine_tables():

@@ -334,7 +334,7 @@ def _zero3_worker(model_dir: str) -> dict:
     del bf16
 
     for kind in ("nf4", "int8"):
-        model = build_model(model_dir, ds_config, kind)
+        model = build_model(model_dir, ds_config, kind, quant_load="whole")  # quantize on load: test_quant_load.py
         whole = {n: dense_weight(model.get_submodule(n)) for n in names}
         out[f"{kind}_loaded"] = frozen_bytes(model, names)
         apply_adapters(model, SSH)

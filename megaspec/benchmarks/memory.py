@@ -33,6 +33,11 @@ adapters add their own saved tensors (LoRA: its input, 2h per token per adapted 
 
 Adapter state (bf16 mixed precision, DeepSpeed's layout): parameters 2 B (whole on every rank below
 the persistence threshold, else /W) + gradients 2 B / W + fp32 master weights and Adam m, v 12 B / W.
+
+Loading the base (nf4-dq, int8: megaspec's --quantize under ZeRO-3, megaspec.quant_load; bf16:
+transformers' zero.Init): peak per rank <= frozen base/rank + the largest checkpoint tensor in bf16
+(the embedding or lm_head, 2 * V * h), the bound that `bench load` checks against measured peaks.
+The old whole load kept the whole quantized base on every rank: frozen base/rank at W = 1.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from megaspec.model import apply_adapters
 from megaspec.train.activations import count_parameters, use_checkpointing
 
 PRECISIONS = ("bf16", "nf4", "nf4-dq", "int8")
+LOADS = ("bf16", "nf4-dq", "int8")  # loaded partitioned: zero.Init (bf16), quantize on load (--quantize nf4, int8)
 WORLD_SIZES = (1, 2, 8, 16, 64)
 SKIP_QUANTIZE = ("lm_head",)  # transformers keeps the output layer unquantized
 NF4_BLOCK, NESTED_BLOCK = 64, 256
@@ -187,9 +193,12 @@ def run(
             adapter_rows.append({"model": name, "setting": setting.label, "trainable": sum(numels),
                                  **{f"W={w}": per_setting[setting.label][w] for w in world_sizes}})
         total_with = next((label for label in per_setting if label.startswith("ssh")), next(iter(per_setting), None))
+        largest = 2 * max([o * i for o, i in inv.linears] + inv.plain)  # the largest checkpoint tensor, bf16
         for precision in precisions:
+            whole_load = base_bytes(inv, precision, 1, persistence)["per_rank"] if precision in ("nf4-dq", "int8") else None
             for world in world_sizes:
                 base = base_bytes(inv, precision, world, persistence)
+                load = base["per_rank"] + largest if precision in LOADS else None
                 adapter = per_setting[total_with][world] if total_with else 0.0
                 base_rows.append({
                     "model": name, "precision": precision, "world_size": world, "tokens": tokens,
@@ -198,6 +207,7 @@ def run(
                     "act_checkpoints": acts["checkpoints"], "act_head": acts["head"], "act_layer": acts["layers"],
                     "activations": acts["total"], "adapter_setting": total_with, "adapter_state": adapter,
                     "total": base["per_rank"] + acts["total"] + adapter,
+                    "load_peak": load, "whole_load": whole_load,
                 })
     return {"base": base_rows, "adapters": adapter_rows}
 
@@ -208,6 +218,7 @@ BASE_COLUMNS = [
     ("checkpointing", "grad ckpt", ""), ("act_checkpoints", "act: ckpt", "bytes"), ("act_head", "act: head", "bytes"),
     ("act_layer", "act: layers", "bytes"),
     ("adapter_setting", "adapter", ""), ("adapter_state", "adapter state", "bytes"), ("total", "total/rank", "bytes"),
+    ("load_peak", "load peak/rank", "bytes"), ("whole_load", "old whole load/rank", "bytes"),
 ]
 
 

@@ -30,6 +30,7 @@ from megaspec.quant import (
     quantize_frozen_partitions,
     zero_weight_quantization,
 )
+from megaspec.quant_load import load_quantized_zero3, streams
 from megaspec.train.activations import configure_activations
 from megaspec.train.checkpoint import (
     CHECKPOINTS,
@@ -155,12 +156,14 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method}"
 
 
-def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none") -> torch.nn.Module:
+def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none", quant_load: str | None = None) -> torch.nn.Module:
     """The frozen base, loaded partitioned under ZeRO-3 (HfDeepSpeedConfig makes HF use zero.Init).
 
-    A bitsandbytes base is loaded whole on every rank (transformers skips zero.Init for it) and
-    partitioned by deepspeed.initialize; with DeepSpeed's qwZ the frozen shards are stored in int8
-    before planning, so the adapters are planned on the weights they train against (megaspec.quant).
+    A bitsandbytes base under ZeRO-3 from a local safetensors folder is quantized on load, each rank
+    keeping its shard (megaspec.quant_load); otherwise (or with quant_load / $MEGASPEC_QUANT_LOAD
+    "whole") it is loaded whole on every rank (transformers skips zero.Init for it) and partitioned
+    by deepspeed.initialize. With DeepSpeed's qwZ the frozen shards are stored in int8 before
+    planning, so the adapters are planned on the weights they train against (megaspec.quant).
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
@@ -172,7 +175,10 @@ def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none") -
     if qwz and provide_zero_quantizer() == "torch" and rank() == 0:
         print(f"{qwz}: no CUDA, so DeepSpeed's int8 weight quantizer runs in torch (megaspec.quant)", flush=True)
     quantization = bnb_config(quantize, dtype)
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quantization)
+    if streams(model, ds_config, quantize, quant_load):
+        base = load_quantized_zero3(model, ds_config, quantize, dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
         prepare_quantized(base)
     if qwz == "zero_quantized_nontrainable_weights":

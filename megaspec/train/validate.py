@@ -72,6 +72,10 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
         check_quantize(cfg.quantize)
+        if cfg.model:
+            from megaspec.quant_load import check_checkpoint
+
+            check_checkpoint(model, raw_ds, cfg.quantize)  # quantize on load reads safetensors
     check_output_dir(cfg)  # last: every other input is known good before the folder's state is judged
     return warnings
 
