@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load|host_memory|merge_base> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -13,6 +13,8 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py quality --real --methods ssh,lora --seeds 0 --lrs 0.03 --steps 200   # SmolLM2 on BoolQ
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
     python launch/bench.py load                           # per-rank peak of loading bf16/nf4/int8 under ZeRO-3, 1 and 2 CPU ranks
+    python launch/bench.py host_memory                    # per-rank peak RSS of megaspec vs HF Trainer + peft on SmolLM2, 2 CPU ranks
+    python launch/bench.py merge_base                     # SmolLM2 perplexity: fp32, nf4, an nf4-trained adapter merged onto each base
 """
 
 from __future__ import annotations
@@ -296,6 +298,36 @@ def load(args: argparse.Namespace) -> tuple[Any, str]:
     return result, bench.format_table(result)
 
 
+def real_model(model: str | None) -> str:
+    """--model as an HF folder: the given one (a .gguf converted once), else SmolLM2-135M from the cache."""
+    from megaspec.assets import smollm2_gguf
+    from megaspec.gguf import resolve_model
+
+    return resolve_model(model or str(smollm2_gguf()), torch.float32)
+
+
+def real_inputs(args: argparse.Namespace) -> None:
+    """The data file exists (ConfigError naming the command that writes it)."""
+    if not Path(args.dataset).is_file():
+        raise ConfigError(f"--dataset {args.dataset} does not exist; write it with python -m megaspec.assets boolq")
+
+
+def host_memory(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import host_memory as bench
+
+    rows = bench.run(real_model(args.model), args.dataset, args.ds_config, args.ranks, args.steps, args.seq_len,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    return rows, bench.format_table(rows)
+
+
+def merge_base(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import merge_base as bench
+
+    result = bench.run(real_model(args.model), args.dataset, args.quantize, args.steps, args.seq_len, args.n_coeffs, args.lr,
+                       args.eval_blocks, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return result, bench.format_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megaspec.dist.comm import prefer_cpu_accelerator
 
@@ -421,6 +453,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=count(1), default=None, help="decoder layers of the synthetic model (default 16: 0.55B parameters)")
     p.add_argument("--folder", default=None, help="write (or reuse) the synthetic checkpoint here instead of a temporary folder")
     p.set_defaults(func=load)
+
+    p = sub.add_parser("host_memory", parents=[common],
+                       help="per-rank peak resident memory of megaspec (SSH, LoRA) and HF Trainer + peft LoRA on the same ZeRO-3 job")
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default SmolLM2-135M-Instruct, python -m megaspec.assets smollm2)")
+    p.add_argument("--dataset", default="data/boolq.jsonl", help="training file (python -m megaspec.assets boolq)")
+    p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed config of every job")
+    p.add_argument("--ranks", type=count(1), default=2, help="CPU ranks")
+    p.add_argument("--steps", type=count(1), default=3)
+    p.add_argument("--seq-len", type=count(8), default=256)
+    p.set_defaults(func=host_memory, inputs=real_inputs)
+
+    p = sub.add_parser("merge_base", parents=[common],
+                       help="held-out perplexity of the fp32 base, its quantized copy, and an adapter trained on it merged onto each")
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default SmolLM2-135M-Instruct, python -m megaspec.assets smollm2)")
+    p.add_argument("--dataset", default="data/boolq.jsonl", help="training file (python -m megaspec.assets boolq); its test file is held out")
+    p.add_argument("--quantize", default="nf4", choices=["nf4", "fp4", "int8"])
+    p.add_argument("--steps", type=count(1), default=12)
+    p.add_argument("--seq-len", type=count(8), default=256)
+    p.add_argument("--n-coeffs", type=count(1), default=750)
+    p.add_argument("--lr", type=positive, default=None, help="peak learning rate (default: SSH's own)")
+    p.add_argument("--eval-blocks", type=count(1), default=32, help="held-out blocks of --seq-len tokens")
+    p.set_defaults(func=merge_base, inputs=real_inputs)
 
     args = parser.parse_args(argv)
     try:

@@ -76,9 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run launch/train.py; the exit code says how the run ended (README "Troubleshooting")."""
     from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.train.host_memory import fix_mmap_threshold
 
     prefer_cpu_accelerator()
     args = parse_args(argv)
+    try:
+        fix_mmap_threshold()  # before the model and data exist (megaspec.train.host_memory)
+    except ValueError as e:
+        say(f"megaspec: error: {e}")
+        return 2
     import torch.distributed as dist
 
     from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed

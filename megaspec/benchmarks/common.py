@@ -7,11 +7,16 @@ AdapterConfig's defaults (n_coeffs 750 or rank 8, q and v).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
+import socket
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,3 +179,45 @@ def _cell(value: Any, spec: str) -> str:
     if spec == "bytes":
         return fmt_bytes(value)
     return format(value, spec) if spec else str(value)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a local process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_rank_processes(module: str, spec: dict[str, Any], world_size: int, what: str, timeout: float = 1800.0,
+                       env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """`python -m module SPEC` as `world_size` fresh local CPU ranks (gloo, one thread each); each rank's JSON result.
+
+    Each rank reads SPEC (spec + "out", a temporary folder) and writes out/rank<r>.json; RuntimeError
+    with every failed rank's exit code and stderr tail, naming `what`.
+    """
+    with tempfile.TemporaryDirectory(prefix="megaspec-ranks-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps({**spec, "out": tmp}))
+        base = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world_size), **(env or {})}
+        procs = [subprocess.Popen([sys.executable, "-m", module, str(spec_path)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for r in range(world_size)]
+        errors = []
+        for r, proc in enumerate(procs):
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode != 0:
+                errors.append(f"rank {r} exit {proc.returncode}: {err.decode()[-2000:]}")
+        if errors:
+            raise RuntimeError(f"{what} failed:\n" + "\n".join(errors))
+        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def lr_sweep_lines(results: list[dict[str, Any]], title: str) -> str:
+    """Each row's lr sweep ('label: lr: val, ...') under `title`; empty when no row swept."""
+    lines = "\n".join(f"  {r['label']}: " + ", ".join(f"{lr}: {v}" for lr, v in r["sweep"].items()) for r in results if r["sweep"])
+    return f"\n\n{title}\n{lines}" if lines else ""

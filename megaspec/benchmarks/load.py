@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +26,8 @@ from typing import Any
 
 import torch
 
-from megaspec.benchmarks.common import table
-from megaspec.benchmarks.selection import _free_port, peak_bytes, reset_peak, rss_bytes
+from megaspec.benchmarks.common import run_rank_processes, table
+from megaspec.benchmarks.selection import peak_bytes, reset_peak, rss_bytes
 
 # ~0.55B parameters (1.1 GB in bf16): LLaMA proportions, GQA, a 32k vocabulary
 SYNTHETIC = dict(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=16, num_attention_heads=12,
@@ -142,28 +140,8 @@ def _rank_main(spec_path: str) -> None:
 
 def measure(folder: Path, warmup: Path, precision: str, mode: str, world_size: int, hidden: int, timeout: float = 1800.0) -> list[dict[str, Any]]:
     """build_model of `folder` on `world_size` fresh CPU ranks; one result per rank."""
-    with tempfile.TemporaryDirectory(prefix="megaspec-load-") as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"folder": str(folder), "warmup": str(warmup), "precision": precision, "mode": mode,
-                                    "hidden": hidden, "out": tmp}))
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world_size),
-               "TOKENIZERS_PARALLELISM": "false"}
-        procs = [subprocess.Popen([sys.executable, "-m", "megaspec.benchmarks.load", str(spec)],
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for r in range(world_size)]
-        errors = []
-        for r, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            if proc.returncode != 0:
-                errors.append(f"rank {r} exit {proc.returncode}: {err.decode()[-2000:]}")
-        if errors:
-            raise RuntimeError(f"{precision} {mode} load on {world_size} ranks failed:\n" + "\n".join(errors))
-        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    spec = {"folder": str(folder), "warmup": str(warmup), "precision": precision, "mode": mode, "hidden": hidden}
+    return run_rank_processes("megaspec.benchmarks.load", spec, world_size, f"{precision} {mode} load on {world_size} ranks", timeout)
 
 
 def run(world_sizes: tuple[int, ...] = (1, 2), precisions: tuple[str, ...] = PRECISIONS, modes: tuple[str, ...] = ("whole", "stream"),

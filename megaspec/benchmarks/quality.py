@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaspec.benchmarks.common import is_sparse_spectrum, registered_methods, table
+from megaspec.benchmarks.common import is_sparse_spectrum, lr_sweep_lines, registered_methods, table
 from megaspec.config import AdapterConfig
 
 TARGETS = ["q_proj", "v_proj"]
@@ -298,5 +298,4 @@ COLUMNS = [
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """The result table, then each row's lr sweep (val loss on seed 0)."""
-    sweeps = "\n".join(f"  {r['label']}: " + ", ".join(f"{lr}: {v}" for lr, v in r["sweep"].items()) for r in results if r["sweep"])
-    return table(results, COLUMNS) + "\n\nlr sweep, seed 0, val loss\n" + sweeps
+    return table(results, COLUMNS) + lr_sweep_lines(results, "lr sweep, seed 0, val loss")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaspec.benchmarks.common import is_sparse_spectrum, registered_methods, table
+from megaspec.benchmarks.common import is_sparse_spectrum, lr_sweep_lines, registered_methods, table
 from megaspec.benchmarks.quality import Row, adapt
 
 LRS = {"sparse": (1e-2, 3e-2, 1e-1), "low_rank": (3e-4, 1e-3, 3e-3)}
@@ -175,8 +175,7 @@ COLUMNS = [
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """The result table, then each row's lr sweep (val loss on the first seed)."""
-    sweeps = "\n".join(f"  {r['label']}: " + ", ".join(f"{lr}: {v}" for lr, v in r["sweep"].items()) for r in results if r["sweep"])
-    return table(results, COLUMNS) + ("\n\nlr sweep, first seed, val loss\n" + sweeps if sweeps else "")
+    return table(results, COLUMNS) + lr_sweep_lines(results, "lr sweep, first seed, val loss")
 
 
 def default_model() -> str:

@@ -26,11 +26,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaspec.benchmarks.common import decoder_linear_shapes, llama_config, table
+from megaspec.benchmarks.common import decoder_linear_shapes, llama_config, run_rank_processes, table
 from megaspec.config import AdapterConfig
 from megaspec.dist import assign_layers
 
@@ -219,12 +215,6 @@ def measure_layers(shapes: list[tuple[int, int]], dtype: str, n_coeffs: int, ene
 # --- 1 vs 2 ranks under ZeRO-3 ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(spec_path: str) -> None:
     """One rank of the ZeRO-3 measurement: build a partitioned stack of linears, plan SSH, write JSON."""
     import deepspeed
@@ -261,29 +251,8 @@ def _rank_main(spec_path: str) -> None:
 def ranks_run(world_size: int, layers: int = 4, width: int = 2048, n_coeffs: int = 750, energy_ratio: float = 0.5,
               timeout: float = 900.0) -> list[dict[str, Any]]:
     """plan_adapters on `world_size` local CPU ranks (gloo, one thread each); one result per rank."""
-    with tempfile.TemporaryDirectory(prefix="megaspec-sel-") as tmp:
-        spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"layers": layers, "width": width, "n_coeffs": n_coeffs, "energy_ratio": energy_ratio, "out": tmp}))
-        port = _free_port()
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "megaspec.benchmarks.selection", str(spec)],
-                             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            for r in range(world_size)
-        ]
-        errors = []
-        for r, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            if proc.returncode != 0:
-                errors.append(f"rank {r} exit {proc.returncode}: {err.decode()[-2000:]}")
-        if errors:
-            raise RuntimeError("ZeRO-3 planning run failed:\n" + "\n".join(errors))
-        return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    spec = {"layers": layers, "width": width, "n_coeffs": n_coeffs, "energy_ratio": energy_ratio}
+    return run_rank_processes("megaspec.benchmarks.selection", spec, world_size, "ZeRO-3 planning run", timeout)
 
 
 def run(model: str = "llama-3-70b", dtype: str = "float32", n_coeffs: int = 750, energy_ratio: float = 0.5,
