@@ -109,7 +109,7 @@ def test_spectrum_figure_puts_each_pick_at_its_centred_frequency() -> None:
         expected = np.stack([figures.signed_frequency(adapter.cols[pick], n), figures.signed_frequency(adapter.rows[pick], m)], 1)
         assert np.array_equal(dots.get_offsets(), expected)
         mag = coeffs.abs().numpy()
-        assert np.allclose(dots.get_sizes(), (8 + 52 * mag / mag.max())[pick])  # area grows with |c|
+        assert np.allclose(dots.get_sizes(), (8 + 52 * mag / mag.max())[pick])  # area grows with |c|, 60 at the top
     assert max(energy_dots.get_sizes().max(), random_dots.get_sizes().max()) == pytest.approx(60.0)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == f"energy pick ({int(flags.sum())})" and labels[1] == f"random pick ({int((~flags).sum())})"
@@ -147,6 +147,11 @@ def test_spectrum_layers_spread_over_depth() -> None:
     names = [f"l{i}" for i in range(60)]
     assert figures.spectrum_layers(names, 6) == ["l0", "l12", "l24", "l35", "l47", "l59"]
     assert figures.spectrum_layers(names[:4], 6) == names[:4]
+
+
+def test_marker_area_shrinks_for_thousands_of_picks() -> None:
+    assert figures.marker_area(100) == figures.marker_area(400) == 60.0
+    assert figures.marker_area(1600) == pytest.approx(30.0) and figures.marker_area(10**6) == 6.0
 
 
 def test_curves_figure_plots_the_records() -> None:

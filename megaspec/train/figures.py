@@ -89,8 +89,8 @@ def allocation_figure(
         ax.bar(x, random_arr, width=0.8, color=ALL_COLOUR, label=f"{unit} ({int(random_arr.sum()):,})")
     mean = float(total.mean()) if count else 0.0
     ax.axhline(mean, color="black", linestyle="--", linewidth=1.0, label=f"mean per layer ({mean:,.0f})")
-    step = _tick_every(count)
-    ax.set_xticks(x[::step], [tags[i] for i in range(0, count, step)], rotation=90, fontsize=7)
+    step = _tick_every(count, 64)
+    ax.set_xticks(x[::step], [tags[i] for i in range(0, count, step)], rotation=90, fontsize=7 if count <= 64 else 6)
     ax.set_xlim(-0.6, count - 0.4)
     ax.set_xlabel("adapted layer (model order)")
     ax.set_ylabel(f"{unit} per layer")
@@ -146,6 +146,11 @@ def energy_background(energy: torch.Tensor, max_side: int = BACKGROUND_SIDE) -> 
     return torch.log10(pooled.clamp_min(floor)).numpy()
 
 
+def marker_area(count: int) -> float:
+    """Largest marker area (points^2) for `count` picks: 60 up to 400 picks, then shrinking so thousands stay apart."""
+    return 60.0 if count <= 400 else max(6.0, 60.0 * math.sqrt(400.0 / count))
+
+
 def spectrum_figure(
     title: str,
     shape: tuple[int, int],
@@ -164,7 +169,8 @@ def spectrum_figure(
     x = signed_frequency(cols, n)
     mag = np.abs(np.asarray(coeffs, dtype=np.float64))
     top = float(mag.max()) if mag.size else 0.0
-    sizes = 8.0 + 52.0 * (mag / top if top > 0 else np.zeros_like(mag))
+    largest = marker_area(mag.size)
+    sizes = largest * (2.0 + 13.0 * (mag / top if top > 0 else np.zeros_like(mag))) / 15.0
     extent = (-(n // 2) - 0.5, n - n // 2 - 0.5, -(m // 2) - 0.5, m - m // 2 - 0.5)
     fig = new_figure(6.4, 5.4, layout=None)
     ax = fig.add_axes((0.11, 0.09, 0.66, 0.84))
@@ -186,8 +192,8 @@ def spectrum_figure(
     else:
         ax.scatter(x, y, s=sizes, c=ALL_COLOUR, alpha=0.85, linewidths=0.3, edgecolors="white")
         handles.append(Line2D([], [], marker="o", linestyle="", color=ALL_COLOUR, label=f"position ({x.size:,})"))
-    handles.append(Line2D([], [], marker="o", linestyle="", color="black", markersize=2.5, label="small |c|"))
-    handles.append(Line2D([], [], marker="o", linestyle="", color="black", markersize=7.5,
+    handles.append(Line2D([], [], marker="o", linestyle="", color="black", markersize=math.sqrt(2 * largest / 15), label="c = 0"))
+    handles.append(Line2D([], [], marker="o", linestyle="", color="black", markersize=math.sqrt(largest),
                           label=f"max |c| = {top:.3g}" if top > 0 else "all c = 0"))
     ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.85)
     ax.set_xlim(extent[0], extent[1])

@@ -96,9 +96,9 @@ def _fig(fig: Any, alt: str) -> str:
     return _img(figures.figure_png(fig), alt)
 
 
-def _table(rows: list[list[Any]], head: list[str], numeric: set[int] | None = None) -> str:
+def _table(rows: list[list[Any]], head: list[str] | None = None, numeric: set[int] | None = None) -> str:
     numeric = numeric or set()
-    out = ["<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out = ["<table>" + ("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" if head else "")]
     for row in rows:
         cells = "".join(
             f'<td class="num">{html.escape(_fmt(v))}</td>' if i in numeric else f"<td>{html.escape(_fmt(v))}</td>"
@@ -261,7 +261,7 @@ def build_report(run: str | Path) -> str:
     layer_rows = [row if has_origin else row[:3] for row in layer_rows]
     ds_config = _json(run / "ds_config.json")
     curves = _fig(figures.curves_figure(records), "training curves") if records else '<p class="note">Nothing logged yet.</p>'
-    where = f"adapter of {html.escape(str(folder.relative_to(run)))}" if folder else "no adapter saved yet"
+    where = f"saved adapter {html.escape(str(folder.relative_to(run)))}/" if folder else "plan's figure (no adapter saved yet)"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -269,7 +269,7 @@ def build_report(run: str | Path) -> str:
         f"<style>{STYLE}</style></head><body>",
         f"<h1>megaspec run <code>{html.escape(run.name)}</code></h1>",
         f'<p class="status">{html.escape(_status(run, config, records, final))}</p>',
-        _table(_summary_rows(config, summary, records, final), ["", ""]),
+        _table(_summary_rows(config, summary, records, final)),
         "<h2>Training curves</h2>", curves,
         "<h2>Budget allocation</h2>",
         '<p class="note">Coefficients per adapted layer in model order, as the plan chose them before training '
