@@ -316,7 +316,8 @@ class RunLogger:
             with self._best_effort("images", step):
                 fig = layer_figure(tags[name], tensors[name], adapters[name].shape, step, self.backgrounds.get(name))
                 if fig is not None:
-                    self._figure(f"spectral/positions/{tags[name]}", fig, step, f"spectrum/{tags[name]}.png")
+                    self._figure(f"spectral/positions/{tags[name]}", fig, step, f"spectrum/{tags[name]}.png",
+                                 colours=figures.SPECTRUM_COLOURS)
                     written.append(f"spectral/positions/{tags[name]}")
         if self.norms:
             with self._best_effort("growth image", step):
@@ -345,16 +346,19 @@ class RunLogger:
             return "spectral/allocation"
         return None
 
-    def _figure(self, tag: str, fig: Any, step: int, png: str) -> None:
-        """One figure to the trackers (an image at `step`) and to figures/<png> in the run folder (replaced whole)."""
+    def _figure(self, tag: str, fig: Any, step: int, png: str, colours: int | None = None) -> None:
+        """One figure to the trackers (a PNG image at `step`) and to figures/<png> in the run folder (replaced whole).
+
+        colours: palette size of the PNG (figures.figure_png); None keeps RGB.
+        """
         import os
 
-        rgb = figures.figure_rgb(fig)
-        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+        data = figures.figure_png(figures.figure_rgb(fig), colours)
+        self.writer.add_png(tag, data, step)
         path = self.output_dir / FIGURES / png
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(figures.figure_png(rgb))
+        tmp.write_bytes(data)
         os.replace(tmp, path)
 
     def _gather_backgrounds(self, adapters: dict[str, nn.Module]) -> None:

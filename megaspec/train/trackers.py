@@ -7,7 +7,7 @@ and skipped with one line when not; neither is a dependency of megaspec.
 - MLflow: the tracking URI MLFLOW_TRACKING_URI, or a file store in `<run folder>/mlflow` (no server);
   MLFLOW_EXPERIMENT_NAME names the experiment (default megaspec).
 
-`Trackers` fans each call out with SummaryWriter's signatures. A TensorBoard failure is raised to
+`Trackers` fans each call out with SummaryWriter's signatures (images come as PNG bytes: `add_png`). A TensorBoard failure is raised to
 the monitor's best-effort handler as before; a W&B or MLflow failure is reported once and that
 tracker is dropped, so it never costs the other trackers (or the run) anything.
 """
@@ -96,8 +96,8 @@ class WandbTracker(_StepBuffer):
     def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         self.add(tag, self.wandb.Histogram(np.asarray(values)), step)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
-        self.add(tag, self.wandb.Image(_hwc(image, dataformats)), step)
+    def add_png(self, tag: str, png: bytes, step: int) -> None:
+        self.add(tag, self.wandb.Image(_decode(png)), step)
 
     def close(self) -> None:
         self.flush()
@@ -135,21 +135,29 @@ class MlflowTracker(_StepBuffer):
     def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         """MLflow has no histogram type: nothing is logged."""
 
-    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
-        self.client.log_image(self.run_id, _hwc(image, dataformats), key=tag.replace("/", "."), step=step)
+    def add_png(self, tag: str, png: bytes, step: int) -> None:
+        self.client.log_image(self.run_id, _decode(png), key=tag.replace("/", "."), step=step)
 
     def close(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id)
 
 
-def _hwc(image: np.ndarray, dataformats: str) -> np.ndarray:
-    image = np.asarray(image)
-    if dataformats == "CHW":
-        image = image.transpose(1, 2, 0)
-    if image.dtype != np.uint8:
-        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return image
+def _decode(png: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def add_png_to_tensorboard(writer: Any, tag: str, png: bytes, step: int) -> None:
+    """An image summary holding these PNG bytes as they are (SummaryWriter.add_image would re-encode them as RGB)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    width, height = _decode(png).size
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 class Trackers:
@@ -163,7 +171,8 @@ class Trackers:
     def names(self) -> list[str]:
         return (["tensorboard"] if self.tensorboard is not None else []) + list(self.others)
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+    def _call(self, method: str, *args: Any, tensorboard: Any = None, **kwargs: Any) -> None:
+        """`method` on every tracker; `tensorboard`: what to call instead on the SummaryWriter."""
         for name, tracker in list(self.others.items()):
             try:
                 getattr(tracker, method)(*args, **kwargs)
@@ -172,7 +181,7 @@ class Trackers:
                 _warn(f"warning: {name} {method} failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                       f"{name} is off for the rest of the run")
         if self.tensorboard is not None:
-            getattr(self.tensorboard, method)(*args, **kwargs)
+            (tensorboard or getattr(self.tensorboard, method))(*args, **kwargs)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         self._call("add_scalar", tag, value, step)
@@ -180,8 +189,9 @@ class Trackers:
     def add_histogram(self, tag: str, values: np.ndarray, step: int) -> None:
         self._call("add_histogram", tag, values, step)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "CHW") -> None:
-        self._call("add_image", tag, image, step, dataformats=dataformats)
+    def add_png(self, tag: str, png: bytes, step: int) -> None:
+        """An image given as PNG bytes (a palette PNG stays one in TensorBoard's event file)."""
+        self._call("add_png", tag, png, step, tensorboard=lambda *args: add_png_to_tensorboard(self.tensorboard, *args))
 
     def flush(self) -> None:
         self._call("flush")
