@@ -4,7 +4,8 @@ TensorBoard (the default) is a dependency. W&B and MLflow are used when their pa
 and skipped with one line when not; neither is a dependency of megaspec.
 - W&B: `wandb.init(dir=<run folder>)`; WANDB_MODE=offline (or no login) keeps it on disk, `wandb sync`
   uploads it later; WANDB_PROJECT names the project (default megaspec).
-- MLflow: the tracking URI MLFLOW_TRACKING_URI, or a file store in `<run folder>/mlflow` (no server);
+- MLflow: the tracking URI MLFLOW_TRACKING_URI, or a file store in `<run folder>/mlflow` (no server,
+  no database; MLFLOW_ALLOW_FILE_STORE=true is set for MLflow 3, which otherwise refuses file stores);
   MLFLOW_EXPERIMENT_NAME names the experiment (default megaspec).
 
 `Trackers` fans each call out with SummaryWriter's signatures (images come as PNG bytes: `add_png`). A TensorBoard failure is raised to
@@ -24,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from megaspec.train.dsconfig import ConfigError
+
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
 PACKAGE = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 def parse_report_to(value: str | Sequence[str]) -> list[str]:
-    """'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'all' -> every tracker; 'none' -> []. ValueError on an unknown name."""
+    """'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'all' -> every tracker; 'none' -> []. ConfigError on an unknown name."""
     names = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     if names == ["all"]:
         return list(REPORT_TO)
@@ -37,7 +40,7 @@ def parse_report_to(value: str | Sequence[str]) -> list[str]:
         return []
     unknown = [n for n in names if n not in REPORT_TO]
     if unknown:
-        raise ValueError(f"--report_to {','.join(names)}: unknown tracker {unknown[0]!r}; choose from "
+        raise ConfigError(f"--report_to {','.join(names)}: unknown tracker {unknown[0]!r}; choose from "
                          f"{', '.join(REPORT_TO)} (comma-separated), all or none")
     return list(dict.fromkeys(names))
 
@@ -111,7 +114,10 @@ class MlflowTracker(_StepBuffer):
         super().__init__()
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (output_dir / "mlflow").absolute().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # a file store needs no server and no database; MLflow 3 asks for this opt-in to use one
+            uri = (output_dir / "mlflow").absolute().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "megaspec")
         experiment = self.client.get_experiment_by_name(name)
