@@ -317,3 +317,20 @@ def test_zero3_two_ranks_rank0_logs_gathered_values(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["world_size"] == 2
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+
+
+def test_resumed_logger_continues_the_growth_heatmap(tmp_path: Path) -> None:
+    model = tiny_model("ssh")
+    logger = RunLogger(tmp_path)
+    stats = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.coeffs.add_(0.5)
+        stats[step] = logger.log_spectral(step, model)
+    logger.close()
+    resumed = RunLogger(tmp_path, resume_step=2)  # the crash came after step 3's events; the checkpoint is step 2
+    assert sorted(resumed.norms) == [1, 2]
+    for step in (1, 2):
+        assert resumed.norms[step] == {k.removeprefix("spectral/norm/"): pytest.approx(v, rel=1e-6)
+                                       for k, v in stats[step].items() if k.startswith("spectral/norm/")}
+    resumed.close()

@@ -151,7 +151,7 @@ def energy_background(energy: torch.Tensor, max_side: int = BACKGROUND_SIDE) -> 
     h, w = min(m, max_side), min(n, max_side)
     pooled = torch.nn.functional.adaptive_avg_pool2d(centred[None, None], (h, w))[0, 0].double()
     floor = float(pooled[pooled > 0].min()) if bool((pooled > 0).any()) else 1e-30
-    return torch.log10(pooled.clamp_min(floor)).numpy()
+    return torch.log10(pooled.clamp_min(floor)).cpu().numpy()  # pooled where the weight is: only h x w cells move
 
 
 def marker_area(count: int) -> float:

@@ -156,7 +156,7 @@ def layer_energy(adapter: nn.Module) -> np.ndarray | None:
         weight = dense_weight(adapter.base).float()
         if hasattr(adapter, "row_perm"):  # S2FT: positions live in the permuted (latent) domain
             weight = weight[adapter.row_perm.to(weight.device)][:, adapter.col_perm.to(weight.device)]
-        return figures.energy_background(figures.weight_energy(weight, kernel).cpu())
+        return figures.energy_background(figures.weight_energy(weight, kernel))
 
 
 def peak_memory_bytes() -> int:
