@@ -35,7 +35,7 @@ from megaspec.train.trackers import open_trackers, tensorboard_scalars
 
 MAX_IMAGE_SIDE = 256
 # Spectrum images per image step: this many layers, evenly spread over depth, always the same ones
-# (each image ~60 KB; README "Monitoring" has the event-file sizes this gives on an 80-layer model).
+# (256-colour PNGs of 60-80 KiB; README "Monitoring" has the event-file sizes on an 80-layer model).
 MAX_SPECTRUM_IMAGES = 6
 # The W0 energy background is skipped for layers above this many elements (one fp32 FFT of it is made).
 MAX_BACKGROUND_NUMEL = 1 << 28
