@@ -278,7 +278,12 @@ def _log_on_ranks(out: str) -> dict:
     stats = logger.log_spectral(1, model, tensors)
     images = logger.log_spectral_images(1, model, tensors)
     logger.close()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with deepspeed.zero.GatheredParameters([q_proj.base.weight], modifier_rank=None):  # the oracle: the whole W0
+        background = figures.energy_background(figures.weight_energy(q_proj.base.weight.detach(), "dht"))
     return {
+        "backgrounds": logger.backgrounds,
+        "background_oracle": background,
         "partition": (coeffs.ds_tensor.numel(), coeffs.ds_numel),
         "tensors": tensors,
         "stats": stats,
@@ -309,6 +314,10 @@ def test_zero3_two_ranks_rank0_logs_gathered_values(tmp_path: Path) -> None:
     assert 0 < first["partition"][0] < first["partition"][1]  # each rank holds part of the coefficients
     assert second["tensors"] == {} and second["stats"] == {} and second["images"] == []
     assert len(first["images"]) == 5  # 4 layers and the growth heatmap
+    # W0 backgrounds: gathered on both ranks (collective), computed on rank 0 only, equal to the whole weight's
+    assert set(first["backgrounds"]) == set(second["backgrounds"]) == {f"model.{layer.replace('.q', '.self_attn.q').replace('.v', '.self_attn.v')}" for layer in LAYERS}
+    assert all(v is None for v in second["backgrounds"].values())
+    assert np.array_equal(first["backgrounds"]["model.layers.0.self_attn.q_proj"], first["background_oracle"])
     for key, value in first["oracle"].items():
         assert torch.equal(first["tensors"][key.removesuffix(".coeffs")]["coeffs"], value)
         layer = key.removeprefix("model.").replace("self_attn.", "").removesuffix(".coeffs")
