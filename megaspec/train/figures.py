@@ -255,7 +255,7 @@ def growth_figure(tags: Sequence[str], steps: Sequence[int], norms: np.ndarray, 
     mesh = ax.pcolormesh(steps_arr, np.arange(count), norms, shading="nearest", cmap="viridis",
                          norm=Normalize(vmin=0.0, vmax=vmax))
     ax.set_ylim(count - 0.5, -0.5)
-    step = _tick_every(count, 50)
+    step = _tick_every(count, 64)
     ax.set_yticks(np.arange(0, count, step), [tags[i] for i in range(0, count, step)], fontsize=7 if count > 12 else 8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
@@ -294,6 +294,7 @@ def curves_figure(records: Sequence[dict]) -> Figure:
         ax.set_title(title)
         ax.set_ylabel(label)
     for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     return fig
