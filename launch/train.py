@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "auto: on for models above 1B parameters")
     p.add_argument("--attn_implementation", default=None, choices=ATTN_IMPLEMENTATIONS,
                    help="attention kernel, where the model supports it (default: transformers' choice)")
+    p.add_argument("--report_to", default=d.report_to,
+                   help="where metrics and figures go, comma-separated: tensorboard, wandb, mlflow (used when installed), all or none")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Run monitoring: metrics JSONL, TensorBoard spectral tags against gathered values, position maps against dense pooling."""
+"""Run monitoring: metrics JSONL, TensorBoard spectral tags and figures against gathered values, |B A| maps against dense pooling."""
 
 from __future__ import annotations
 
@@ -20,15 +20,14 @@ from transformers import LlamaForCausalLM
 
 import megaspec
 from megaspec.model import adapter_state
-from megaspec.train import monitor
+from megaspec.train import figures, monitor
 from megaspec.train.monitor import (
     RunLogger,
     gathered_adapter_tensors,
+    layer_figure,
     layer_tags,
     low_rank_map,
-    position_map,
     progress_bar,
-    spectral_image,
 )
 
 from .conftest import tiny_config
@@ -129,7 +128,7 @@ def test_tensorboard_spectral_tags(logged_run: dict) -> None:
     expected = {f"spectral/{kind}/{layer}" for kind in ("norm", "max_abs") for layer in LAYERS}
     assert expected | {"spectral/global_norm", "train/loss", "train/lr", "train/memory"} <= set(tags["scalars"])
     assert "spectral/coeffs" in tags["histograms"]
-    assert {f"spectral/positions/{layer}" for layer in LAYERS} == set(tags["images"])
+    assert {f"spectral/positions/{layer}" for layer in LAYERS} | {"spectral/growth"} == set(tags["images"])
     assert [e.step for e in acc.Histograms("spectral/coeffs")] == [1, 2, 3]
     assert acc.Histograms("spectral/coeffs")[-1].histogram_value.num == 4 * 64
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(list(logged_run["losses"].values()))
@@ -149,45 +148,78 @@ def test_tensorboard_spectral_tags(logged_run: dict) -> None:
         assert acc.Scalars("spectral/global_norm")[step_index].value == pytest.approx(total**0.5, rel=1e-6)
 
 
+def _png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def test_tensorboard_images(logged_run: dict) -> None:
+    """Each spectrum image is the figure of the gathered coefficients over W0's energy; the PNG copy is the last one."""
     acc = events(logged_run["out"] / "tensorboard")
-    tensors = logged_run["tensors"]["model.layers.0.self_attn.v_proj"]
-    images = acc.Images("spectral/positions/layers.0.v_proj")
+    model, tensors = logged_run["model"], logged_run["tensors"]
+    for layer in LAYERS:
+        name = f"model.layers.{layer.split('.')[1]}.self_attn.{layer.split('.')[2]}"
+        images = acc.Images(f"spectral/positions/{layer}")
+        assert [e.step for e in images] == [1, 3]
+        assert (images[-1].height, images[-1].width) == (540, 640)
+        adapter = dict(model.named_modules())[name]
+        background = figures.energy_background(figures.weight_energy(adapter.base.weight.detach(), "dht"))
+        rgb = figures.figure_rgb(layer_figure(layer, tensors[name], adapter.shape, 3, background))
+        oracle = _png(figures.figure_png(rgb, figures.SPECTRUM_COLOURS))  # a palette PNG: at most 256 colours
+        assert np.abs(oracle.astype(int) - rgb).mean() < 1.0  # close to the figure's RGB pixels
+        logged = _png(images[-1].encoded_image_string)
+        assert np.array_equal(logged, oracle)
+        assert np.array_equal(_png((logged_run["out"] / "figures" / "spectrum" / f"{layer}.png").read_bytes()), oracle)
+        assert not np.array_equal(_png(images[0].encoded_image_string), logged)  # the coefficients grew between
+
+
+def test_growth_image_reads_back_as_the_logged_norms(logged_run: dict) -> None:
+    acc = events(logged_run["out"] / "tensorboard")
+    images = acc.Images("spectral/growth")
     assert [e.step for e in images] == [1, 3]
-    assert (images[-1].height, images[-1].width) == (32, 64)
-    pixels = np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("RGB"))
-    lit = pixels.max(axis=2) > 0
-    assert lit.sum() == tensors["rows"].numel()
-    assert lit[tensors["rows"], tensors["cols"]].all()
-    energy = tensors["from_energy"]
-    red = pixels[tensors["rows"], tensors["cols"], 0] > 0
-    assert torch.equal(torch.from_numpy(red), energy) and 0 < int(energy.sum()) < energy.numel()
+    norms = np.array([[logged_run["stats"][step][f"spectral/norm/{layer}"] for step in (1, 2, 3)] for layer in LAYERS])
+    oracle = figures.growth_figure(LAYERS, [1, 2, 3], norms)  # the layout; the pixels are read from the logged image
+    logged = _png(images[-1].encoded_image_string)
+    assert logged.shape == figures.figure_rgb(oracle).shape
+    ax, top = oracle.axes[0], float(norms.max())
+    table = (figures.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).round()
+    for row, layer in enumerate(LAYERS):
+        _, i, proj = layer.split(".")
+        for step in (1, 2, 3):
+            x, y = ax.transData.transform((step, row))
+            colour = logged[int(round(oracle.bbox.height - y)), int(round(x))].astype(int)
+            value = float(np.argmin(((table - colour) ** 2).sum(axis=1))) / 255 * top
+            coeffs = logged_run["oracle"][step][f"model.layers.{i}.self_attn.{proj}.coeffs"]
+            assert value == pytest.approx(float(coeffs.double().norm()), abs=top / 255 * 1.5)
 
 
-def test_spectral_image_levels() -> None:
-    rows, cols = torch.tensor([0, 5, 9]), torch.tensor([1, 5, 2])
-    coeffs = torch.tensor([0.0, -2.0, 1.0])
-    image = spectral_image({"rows": rows, "cols": cols, "coeffs": coeffs}, (10, 10))
-    assert image.shape == (3, 10, 10)
-    assert image[0, rows, cols].tolist() == pytest.approx([0.25, 1.0, 0.625])  # zero stays visible
-    assert int((image[0] > 0).sum()) == 3
+def test_allocation_image_bars_sum_to_the_budget(tmp_path: Path) -> None:
+    model = tiny_model("ssh")
+    logger = RunLogger(tmp_path)
+    assert logger.log_allocation(model) == "spectral/allocation"
+    logger.close()
+    image = events(tmp_path / "tensorboard").Images("spectral/allocation")
+    assert [e.step for e in image] == [0] and (image[0].height, image[0].width) == (420, 640)
+    assert np.array_equal(_png(image[0].encoded_image_string), _png((tmp_path / "figures" / "allocation.png").read_bytes()))
+    adapters = megaspec.model.adapters_of(model)
+    counts = [figures.allocation_counts(a.plan_state(), a.trainable_count()) for a in adapters.values()]
+    assert sum(c[0] + c[1] for c in counts) == 64 * 4 and all(c[2] for c in counts)
+    oracle = figures.allocation_figure(LAYERS, [c[0] for c in counts], [c[1] for c in counts])
+    assert np.array_equal(_png(image[0].encoded_image_string), figures.figure_rgb(oracle))
 
 
-def test_position_map_matches_dense_max_pool() -> None:
-    m, n, count = 512, 768, 5000
-    g = torch.Generator().manual_seed(0)
-    flat = torch.randperm(m * n, generator=g)[:count]
-    rows, cols, values = flat // n, flat % n, torch.randn(count, generator=g)
-    mag, occupied = position_map(rows, cols, values, (m, n))
-    dense = torch.zeros(m, n)
-    dense[rows, cols] = values.abs()
-    hits = torch.zeros(m, n)
-    hits[rows, cols] = 1.0
-    assert mag.shape == (256, 256)
-    assert torch.equal(mag, F.max_pool2d(dense[None], (2, 3))[0])
-    assert torch.equal(occupied, F.max_pool2d(hits[None], (2, 3))[0] > 0)
-    small, _ = position_map(rows[:10] % 40, cols[:10] % 30, values[:10], (40, 30))
-    assert small.shape == (40, 30)
+def test_figure_failure_never_ends_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    model = tiny_model("ssh")
+    logger = RunLogger(tmp_path)
+    monkeypatch.setattr(figures, "spectrum_figure", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(figures, "allocation_figure", lambda *a, **k: 1 / 0)
+    assert logger.log_allocation(model) is None
+    logger.log_spectral(1, model)
+    assert logger.log_spectral_images(1, model) == ["spectral/growth"]
+    assert logger.log_spectral_images(2, model) == ["spectral/growth"]
+    logger.close()
+    err = capsys.readouterr().err
+    assert err.count("TensorBoard images at step 1 not written (ZeroDivisionError") == 1 and "step 2" not in err
+    assert "allocation image at step 0 not written" in err
 
 
 def test_low_rank_map_matches_dense_max_pool() -> None:
@@ -207,7 +239,7 @@ def test_lora_without_engine(tmp_path: Path) -> None:
     stats = logger.log_spectral(5, model)
     written = logger.log_spectral_images(5, model)
     logger.close()
-    assert written == [f"spectral/positions/{layer}" for layer in LAYERS]
+    assert written == [f"spectral/positions/{layer}" for layer in LAYERS] + ["spectral/growth"]
     a = model.model.layers[1].self_attn.q_proj.lora_A.detach()
     b = model.model.layers[1].self_attn.q_proj.lora_B.detach()
     assert stats["spectral/norm/layers.1.q_proj"] == pytest.approx(float(torch.cat([a.flatten(), b.flatten()]).norm()))
@@ -246,7 +278,12 @@ def _log_on_ranks(out: str) -> dict:
     stats = logger.log_spectral(1, model, tensors)
     images = logger.log_spectral_images(1, model, tensors)
     logger.close()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    with deepspeed.zero.GatheredParameters([q_proj.base.weight], modifier_rank=None):  # the oracle: the whole W0
+        background = figures.energy_background(figures.weight_energy(q_proj.base.weight.detach(), "dht"))
     return {
+        "backgrounds": logger.backgrounds,
+        "background_oracle": background,
         "partition": (coeffs.ds_tensor.numel(), coeffs.ds_numel),
         "tensors": tensors,
         "stats": stats,
@@ -276,7 +313,11 @@ def test_zero3_two_ranks_rank0_logs_gathered_values(tmp_path: Path) -> None:
     first, second = (r.value for r in run_ranks(_log_on_ranks, 2, args=(str(tmp_path),), timeout=240))
     assert 0 < first["partition"][0] < first["partition"][1]  # each rank holds part of the coefficients
     assert second["tensors"] == {} and second["stats"] == {} and second["images"] == []
-    assert len(first["images"]) == 4
+    assert len(first["images"]) == 5  # 4 layers and the growth heatmap
+    # W0 backgrounds: gathered on both ranks (collective), computed on rank 0 only, equal to the whole weight's
+    assert set(first["backgrounds"]) == set(second["backgrounds"]) == {f"model.{layer.replace('.q', '.self_attn.q').replace('.v', '.self_attn.v')}" for layer in LAYERS}
+    assert all(v is None for v in second["backgrounds"].values())
+    assert np.array_equal(first["backgrounds"]["model.layers.0.self_attn.q_proj"], first["background_oracle"])
     for key, value in first["oracle"].items():
         assert torch.equal(first["tensors"][key.removesuffix(".coeffs")]["coeffs"], value)
         layer = key.removeprefix("model.").replace("self_attn.", "").removesuffix(".coeffs")
@@ -285,3 +326,20 @@ def test_zero3_two_ranks_rank0_logs_gathered_values(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 1 and records[0]["world_size"] == 2
     assert len(list((tmp_path / "tensorboard").iterdir())) == 1
+
+
+def test_resumed_logger_continues_the_growth_heatmap(tmp_path: Path) -> None:
+    model = tiny_model("ssh")
+    logger = RunLogger(tmp_path)
+    stats = {}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.coeffs.add_(0.5)
+        stats[step] = logger.log_spectral(step, model)
+    logger.close()
+    resumed = RunLogger(tmp_path, resume_step=2)  # the crash came after step 3's events; the checkpoint is step 2
+    assert sorted(resumed.norms) == [1, 2]
+    for step in (1, 2):
+        assert resumed.norms[step] == {k.removeprefix("spectral/norm/"): pytest.approx(v, rel=1e-6)
+                                       for k, v in stats[step].items() if k.startswith("spectral/norm/")}
+    resumed.close()

@@ -64,6 +64,7 @@ CASES = [
     Case("ds_config_batch_mismatch", ds("batch7.json"), "train_batch_size", existing=True),
     Case("ds_config_unknown_optimizer", ds("optimizer.json"), "unknown optimizer type 'AdamQ'"),
     Case("unknown_method", lambda ws: ["--method", "sshh"], "unknown method 'sshh'", existing=True),
+    Case("unknown_tracker", lambda ws: ["--report_to", "tensorboard,comet"], "unknown tracker 'comet'"),
     Case("targets_match_nothing", lambda ws: ["--target_modules", "qq_proj"], "match no linear layer"),
     Case("n_coeffs_zero", lambda ws: ["--n_coeffs", "0"], "--n_coeffs 0 must be at least 1", existing=True),
     Case("n_coeffs_beyond_layer", lambda ws: ["--method", "fourierft", "--n_coeffs", "5000"], "--n_coeffs 5000 must be in 1..2048"),

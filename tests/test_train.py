@@ -123,6 +123,8 @@ def test_tensorboard_has_spectral_tags(two_rank_run):
     assert {"spectral/global_norm", "train/loss"} <= set(tags["scalars"])
     assert "spectral/coeffs" in tags["histograms"]
     assert len([t for t in tags["images"] if t.startswith("spectral/positions/")]) == 4
+    assert {"spectral/allocation", "spectral/growth"} <= set(tags["images"])
+    assert "Budget allocation" in (two_rank_run / "report.html").read_text()  # rank 0 wrote the run report
     growth = [e.value for e in acc.Scalars("spectral/global_norm")]
     assert growth[-1] > growth[0] >= 0  # coefficients grow from their zero init (step 1 has lr 0: warmup)
     final = coeffs(two_rank_run)

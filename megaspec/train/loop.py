@@ -47,6 +47,7 @@ from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
 from megaspec.train.heartbeat import Heartbeat
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress_bar
+from megaspec.train.report import write_report_or_warn
 
 logger = logging.getLogger("megaspec")
 
@@ -91,6 +92,7 @@ class TrainConfig:
     quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
     gradient_checkpointing: str = "auto"  # on | off | auto: on above ~1B parameters (megaspec.train.activations)
     attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None: transformers' default
+    report_to: str = "tensorboard"  # comma-separated trackers: tensorboard, wandb, mlflow, all, none (megaspec.train.trackers)
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig this run applies."""
@@ -426,7 +428,9 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     align_lr_schedule(engine, start_step)
     _write_run_files(out, cfg, ds_config, summary, continuing=ckpt is not None and start_step < cfg.max_steps, base=model_path)
 
-    run_log = RunLogger(out, resume_step=start_step if cfg.resume else None)
+    run_log = RunLogger(out, resume_step=start_step if cfg.resume else None, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
+    if ckpt is None:
+        run_log.log_allocation(model)  # the plan's budget split, at step 0
     stop = StopSignal()
     batches = batch_iterator(train_set, micro, cfg.seed, rank(), world_size(), start_step=start_step * accum)
     bar = progress_bar(cfg.max_steps, initial=start_step)
@@ -503,6 +507,8 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     beat.phase("writing the final adapter")
     final = {**metrics, "step": step, "output_dir": str(out), "trainable": summary.trainable}
     _write_final(model, out, final)
+    if rank() == 0:
+        write_report_or_warn(out)  # report.html; never ends a run
     return final
 
 
@@ -585,6 +591,7 @@ def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:
 RUN_FILES = frozenset({
     "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
     "tensorboard", "train_config.json", ".tmp-adapter", ".final_metrics.json.tmp",
+    "figures", "report.html", ".report.html.tmp", "wandb", "mlflow",  # monitor figures, run report, trackers
 })
 RUN_MARKERS = frozenset({"train_config.json", CHECKPOINTS, "metrics.jsonl"})
 

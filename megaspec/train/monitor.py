@@ -1,6 +1,8 @@
-"""Run monitoring: metrics JSONL, TensorBoard scalars and the spectral views, a progress bar.
+"""Run monitoring: metrics JSONL, tracker scalars and the spectral figures, a progress bar.
 
-Only rank 0 writes. Gathering ZeRO-3 partitioned adapter parameters is a collective, so
+Only rank 0 writes. Scalars, histograms and images go to the `--report_to` trackers
+(megaspec.train.trackers, TensorBoard by default); the figures (megaspec.train.figures) also go to
+`<run>/figures/` as PNGs, which the run report embeds. Gathering ZeRO-3 partitioned adapter parameters is a collective, so
 `gathered_adapter_tensors`, `RunLogger.log_spectral` and `RunLogger.log_spectral_images` must be
 called on every rank (the others return after the gather); `log_scalars` never communicates.
 """
@@ -24,11 +26,20 @@ from torch import nn
 from tqdm import tqdm
 
 from megaspec.dist.comm import rank, world_size
+from megaspec.dist.gather import gather_params
 from megaspec.model import adapters_of
+from megaspec.train import figures
 from megaspec.train.checkpoint import CHECKPOINTS, read_latest
 from megaspec.train.errors import out_of_space, write_failed
+from megaspec.train.trackers import open_trackers, tensorboard_scalars
 
 MAX_IMAGE_SIDE = 256
+# Spectrum images per image step: this many layers, evenly spread over depth, always the same ones
+# (256-colour PNGs of 60-80 KiB; README "Monitoring" has the event-file sizes on an 80-layer model).
+MAX_SPECTRUM_IMAGES = 6
+# The W0 energy background is skipped for layers above this many elements (one fp32 FFT of it is made).
+MAX_BACKGROUND_NUMEL = 1 << 28
+FIGURES = "figures"  # PNG copies of the latest figures in the run folder
 # Gather adapter parameters in chunks of at most this many elements: a handful of collectives
 # per log step, and bounded memory for large low-rank adapters (LoRA on a 70B model is ~1e8).
 GATHER_CHUNK_NUMEL = 1 << 25
@@ -96,23 +107,6 @@ def gathered_adapter_tensors(model: nn.Module, rank0_only: bool = True) -> dict[
     return out
 
 
-def position_map(
-    rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], max_side: int = MAX_IMAGE_SIDE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-pooled |values| at (rows, cols) of an M x N grid, and which cells hold a position.
-
-    The grid is reduced to at most max_side per side in index space (cell of row r is
-    r * H // M), so the cost is O(n + H W) and no M x N tensor is ever made.
-    """
-    m, n = shape
-    h, w = min(m, max_side), min(n, max_side)
-    cell = (rows.long() * h // m) * w + cols.long() * w // n
-    mag = torch.zeros(h * w).scatter_reduce_(0, cell, values.detach().float().abs(), reduce="amax")
-    occupied = torch.zeros(h * w, dtype=torch.bool)
-    occupied[cell] = True
-    return mag.reshape(h, w), occupied.reshape(h, w)
-
-
 @torch.no_grad()
 def low_rank_map(
     lora_a: torch.Tensor, lora_b: torch.Tensor, max_side: int = MAX_IMAGE_SIDE, block_rows: int = 1024
@@ -130,32 +124,39 @@ def low_rank_map(
     return out
 
 
-def _render(mag: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
-    """Occupied cells at 0.25 (a zero coefficient stays visible) up to 1.0 at the largest |c|."""
-    top = float(mag.max())
-    level = 0.25 + 0.75 * (mag / top if top > 0 else torch.zeros_like(mag))
-    return torch.where(occupied, level, torch.zeros_like(mag))
+def layer_figure(tag: str, tensors: dict[str, torch.Tensor], shape: tuple[int, int], step: int,
+                 background: np.ndarray | None = None) -> Any:
+    """The figure of one adapter at `step`, or None when its method has no spatial view.
 
-
-def spectral_image(tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor | None:
-    """A (3, H, W) image in [0, 1] of one adapter, or None when its method has no spatial view.
-
-    Sparse spectra: each selected frequency (row u, col v) at its |c|; positions chosen by DHT
-    energy (SSH's from_energy) in red, the random ones in cyan, all grey when not recorded.
-    Low rank: |B A| in grey.
+    Sparse spectra: each coefficient at its centred frequency over W0's energy (figures.spectrum_figure),
+    by origin where the plan records it (SSH's from_energy). Low rank: |B A| max-pooled.
     """
+    m, n = shape
     if {"rows", "cols", "coeffs"} <= tensors.keys():
-        rows, cols, coeffs = tensors["rows"], tensors["cols"], tensors["coeffs"]
-        if "from_energy" not in tensors:
-            return _render(*position_map(rows, cols, coeffs, shape)).expand(3, -1, -1).clone()
-        energy = tensors["from_energy"].bool()
-        red = _render(*position_map(rows[energy], cols[energy], coeffs[energy], shape))
-        cyan = _render(*position_map(rows[~energy], cols[~energy], coeffs[~energy], shape))
-        return torch.stack([red, cyan, cyan])
-    if {"lora_A", "lora_B"} <= tensors.keys() and shape[0] * shape[1] <= MAX_LOW_RANK_MAP_NUMEL:
-        mag = low_rank_map(tensors["lora_A"], tensors["lora_B"])
-        return _render(mag, torch.ones_like(mag, dtype=torch.bool)).expand(3, -1, -1).clone()
+        title = f"{tag} ({m}x{n}): {tensors['coeffs'].numel():,} coefficients, step {step}"
+        return figures.spectrum_figure(title, shape, tensors["rows"], tensors["cols"], tensors["coeffs"],
+                                       tensors.get("from_energy"), background)
+    if {"lora_A", "lora_B"} <= tensors.keys() and m * n <= MAX_LOW_RANK_MAP_NUMEL:
+        title = f"{tag} ({m}x{n}): |B A|, step {step}"
+        return figures.low_rank_figure(title, shape, low_rank_map(tensors["lora_A"], tensors["lora_B"]))
     return None
+
+
+def layer_energy(adapter: nn.Module) -> np.ndarray | None:
+    """figures.energy_background of the weight the adapter's positions index (its base, S2FT's permuted), or None.
+
+    Reads the base weight: under ZeRO-3 call it inside gather_params on every rank.
+    """
+    from megaspec.adapters import dense_weight
+
+    kernel = getattr(adapter, "kernel", None)
+    if kernel is None:
+        return None
+    with torch.no_grad():
+        weight = dense_weight(adapter.base).float()
+        if hasattr(adapter, "row_perm"):  # S2FT: positions live in the permuted (latent) domain
+            weight = weight[adapter.row_perm.to(weight.device)][:, adapter.col_perm.to(weight.device)]
+        return figures.energy_background(figures.weight_energy(weight, kernel))
 
 
 def peak_memory_bytes() -> int:
@@ -194,17 +195,21 @@ def _step_of(line: str) -> float:
 class RunLogger:
     """Writes `output_dir/metrics.jsonl` and TensorBoard events under `output_dir/tensorboard` (rank 0 only)."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int | None = None, flush_secs: int = 30) -> None:
-        """With `resume_step` (a run resumed from that step's checkpoint), what was logged after it is dropped."""
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None, flush_secs: int = 30,
+                 report_to: str = "tensorboard", config: dict[str, Any] | None = None) -> None:
+        """With `resume_step` (a run resumed from that step's checkpoint), what was logged after it is dropped.
+
+        report_to: the trackers (megaspec.train.trackers); config: the run's settings, for W&B and MLflow.
+        """
         self.output_dir = Path(output_dir)
         self.enabled = rank() == 0
         self.world_size = world_size()
         self.writer = None
         self.metrics = None
         self.failed: set[str] = set()  # kinds of TensorBoard output that failed once (reported once)
+        self.norms: dict[int, dict[str, float]] = {}  # growth heatmap: step -> layer tag -> coefficient norm
+        self.backgrounds: dict[str, np.ndarray | None] = {}  # W0 energy maps by layer (names kept on every rank)
         if self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / "metrics.jsonl"
             if resume_step is not None and path.exists():
@@ -212,7 +217,9 @@ class RunLogger:
                 path.write_text("".join(line + "\n" for line in kept))
             # purge_step: TensorBoard hides events at and after it that the crashed run left behind
             purge = None if resume_step is None else resume_step + 1
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), flush_secs=flush_secs, purge_step=purge)
+            if resume_step is not None:  # the heatmap goes on from what the run logged before
+                self.norms = _norm_history(self.output_dir / "tensorboard", resume_step)
+            self.writer = open_trackers(report_to, self.output_dir, config, flush_secs=flush_secs, purge_step=purge)
             self.metrics = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log_scalars(self, step: int, scalars: dict[str, Any]) -> None:
@@ -276,6 +283,7 @@ class RunLogger:
             stats[f"spectral/max_abs/{tags[name]}"] = float(flat.abs().max()) if flat.numel() else 0.0
         if not values:
             return {}
+        self.norms[int(step)] = {k.removeprefix("spectral/norm/"): v for k, v in stats.items() if k.startswith("spectral/norm/")}
         stats["spectral/global_norm"] = math.sqrt(sum(v**2 for k, v in stats.items() if k.startswith("spectral/norm/")))
         with self._best_effort("spectral scalars", step):
             for tag, value in stats.items():
@@ -290,22 +298,84 @@ class RunLogger:
     def log_spectral_images(
         self, step: int, model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]] | None = None
     ) -> list[str]:
-        """One image per adapted layer (`spectral/positions/<layer>`); collective unless `tensors` is given."""
+        """Spectrum images of up to MAX_SPECTRUM_IMAGES layers (`spectral/positions/<layer>`) and the growth heatmap.
+
+        Collective unless `tensors` is given; the first call for a layer also gathers its frozen
+        weight once (every rank) for the W0 energy background. Returns the tags written.
+        """
         if tensors is None:
             tensors = gathered_adapter_tensors(model)
+        adapters = adapters_of(model)
+        shown = figures.spectrum_layers(list(adapters), MAX_SPECTRUM_IMAGES)
+        self._gather_backgrounds({name: adapters[name] for name in shown})
         if not self.enabled:
             return []
-        adapters = adapters_of(model)
         tags = layer_tags(list(adapters))
         written = []
-        for name, adapter in adapters.items():
+        for name in shown:
             with self._best_effort("images", step):
-                image = spectral_image(tensors[name], adapter.shape)
-                if image is not None:
-                    tag = f"spectral/positions/{tags[name]}"
-                    self.writer.add_image(tag, image.numpy(), step, dataformats="CHW")
-                    written.append(tag)
+                fig = layer_figure(tags[name], tensors[name], adapters[name].shape, step, self.backgrounds.get(name))
+                if fig is not None:
+                    self._figure(f"spectral/positions/{tags[name]}", fig, step, f"spectrum/{tags[name]}.png",
+                                 colours=figures.SPECTRUM_COLOURS)
+                    written.append(f"spectral/positions/{tags[name]}")
+        if self.norms:
+            with self._best_effort("growth image", step):
+                steps = sorted(self.norms)
+                layers = [tags[name] for name in adapters if tags[name] in self.norms[steps[-1]]]
+                grid = np.array([[self.norms[s].get(tag, np.nan) for s in steps] for tag in layers])
+                self._figure("spectral/growth", figures.growth_figure(layers, steps, grid), step, "growth.png")
+                written.append("spectral/growth")
         return written
+
+    def log_allocation(self, model: nn.Module, step: int = 0) -> str | None:
+        """The budget allocation at plan time (`spectral/allocation`, figures/allocation.png); rank 0, no collective.
+
+        Plans are buffers, which ZeRO-3 leaves whole on every rank, so nothing is gathered.
+        """
+        if not self.enabled:
+            return None
+        with self._best_effort("allocation image", step):
+            adapters = adapters_of(model)
+            tags = layer_tags(list(adapters))
+            counts = [figures.allocation_counts(a.plan_state(), a.trainable_count()) for a in adapters.values()]
+            unit = "coefficients" if any("rows" in a.plan_state() for a in adapters.values()) else "trainable parameters"
+            fig = figures.allocation_figure([tags[n] for n in adapters], [c[0] for c in counts], [c[1] for c in counts],
+                                            origin_known=all(c[2] for c in counts), unit=unit)
+            self._figure("spectral/allocation", fig, step, "allocation.png")
+            return "spectral/allocation"
+        return None
+
+    def _figure(self, tag: str, fig: Any, step: int, png: str, colours: int | None = None) -> None:
+        """One figure to the trackers (a PNG image at `step`) and to figures/<png> in the run folder (replaced whole).
+
+        colours: palette size of the PNG (figures.figure_png); None keeps RGB.
+        """
+        import os
+
+        data = figures.figure_png(figures.figure_rgb(fig), colours)
+        self.writer.add_png(tag, data, step)
+        path = self.output_dir / FIGURES / png
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _gather_backgrounds(self, adapters: dict[str, nn.Module]) -> None:
+        """W0 energy maps of the layers not done yet (collective: every rank gathers the same weights, in order)."""
+        for name, adapter in adapters.items():
+            if name in self.backgrounds:
+                continue
+            self.backgrounds[name] = None
+            if getattr(adapter, "kernel", None) is None or math.prod(adapter.shape) > MAX_BACKGROUND_NUMEL:
+                continue
+            with gather_params([adapter.base.weight]):
+                if self.enabled:
+                    try:
+                        self.backgrounds[name] = layer_energy(adapter)
+                    except Exception as exc:  # a missing background never costs the image, let alone the run
+                        print(f"megaspec: warning: no W0 energy background for {name} ({type(exc).__name__}: {exc})",
+                              file=sys.stderr, flush=True)
 
     def flush(self) -> None:
         """Push pending TensorBoard events to disk."""
@@ -319,6 +389,20 @@ class RunLogger:
             self.metrics.close()
             self.writer = None
             self.enabled = False
+
+
+def _norm_history(log_dir: Path, until: int) -> dict[int, dict[str, float]]:
+    """The coefficient norms a resumed run logged up to step `until`, from its TensorBoard events (empty if unreadable)."""
+    try:
+        scalars = tensorboard_scalars(log_dir, "spectral/norm/")
+    except Exception:
+        return {}
+    history: dict[int, dict[str, float]] = {}
+    for tag, points in scalars.items():
+        for step, value in points:
+            if step <= until:
+                history.setdefault(step, {})[tag.removeprefix("spectral/norm/")] = value
+    return history
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = "train") -> tqdm:

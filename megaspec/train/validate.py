@@ -47,6 +47,7 @@ from megaspec.train.loop import (
     run_folder_problem,
     writable_problem,
 )
+from megaspec.train.trackers import parse_report_to
 
 RUN_CONFIG = "train_config.json"
 
@@ -56,6 +57,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     warnings: list[str] = []
     adapter_class(cfg.method)  # "unknown method 'x'; choose one of [...]"
     check_numbers(cfg)
+    parse_report_to(getattr(cfg, "report_to", "tensorboard"))  # "unknown tracker 'x'"
     raw_ds = read_ds_config(cfg.ds_config)
     check_ds_numbers(raw_ds, cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
