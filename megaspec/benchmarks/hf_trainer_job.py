@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import tempfile
+from typing import Any
 
 
 def main() -> None:
@@ -29,18 +30,24 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
     args = p.parse_args()
 
+    with open(args.ds_config) as f:
+        ds_config = json.load(f)
+    ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
+    ds_config.get("bf16", {})["enabled"] = False  # fp32 as megaspec's CPU ranks
+    with tempfile.TemporaryDirectory(prefix="hf-trainer-job-") as out:
+        result = train(args, ds_config, out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"hf_trainer_steps": result.global_step, "train_loss": result.training_loss}), flush=True)
+
+
+def train(args: argparse.Namespace, ds_config: dict[str, Any], out: str) -> Any:
+    """TrainingArguments first (it registers ZeRO-3 for from_pretrained), then the model, peft, data and Trainer."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from megaspec.train.data import DataConfig, build_datasets, load_tokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    with open(args.ds_config) as f:
-        ds_config = json.load(f)
-    ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
-    ds_config.get("bf16", {})["enabled"] = False  # fp32 as megaspec's CPU ranks
-    out = tempfile.mkdtemp(prefix="hf-trainer-job-")
     training = TrainingArguments(
         output_dir=out, per_device_train_batch_size=args.micro_batch, max_steps=args.max_steps, learning_rate=args.lr,
         deepspeed=ds_config, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
@@ -51,11 +58,9 @@ def main() -> None:
     lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=args.target_modules.split(","), lora_dropout=0.0)
     model = get_peft_model(model, lora)
     tokenizer = load_tokenizer(args.model)
-    train, _ = build_datasets(DataConfig(dataset=args.dataset, seq_len=args.seq_len, seed=0, eval_fraction=0.05), tokenizer)
-    trainer = Trainer(model=model, args=training, train_dataset=train)
-    result = trainer.train()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"hf_trainer_steps": result.global_step, "train_loss": result.training_loss}), flush=True)
+    blocks, _ = build_datasets(DataConfig(dataset=args.dataset, seq_len=args.seq_len, seed=0, eval_fraction=0.05), tokenizer)
+    trainer = Trainer(model=model, args=training, train_dataset=blocks)
+    return trainer.train()
 
 
 if __name__ == "__main__":
