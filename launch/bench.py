@@ -297,7 +297,7 @@ def load(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.distributed.comm import prefer_cpu_accelerator
 
     prefer_cpu_accelerator()
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -75,17 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run launch/train.py; the exit code says how the run ended (README "Troubleshooting")."""
-    from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.distributed.comm import prefer_cpu_accelerator
 
     prefer_cpu_accelerator()
     args = parse_args(argv)
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
+    from megaspec.distributed.group import leave_process_group
     from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed
     from megaspec.train.loop import TrainConfig, TrainingDiverged, train
     from megaspec.train.validate import validate
 
-    joined_before = dist.is_initialized()  # a caller's group (main(argv) in-process) is the caller's to destroy
+    joined_before = torch_dist.is_initialized()  # a caller's group (main(argv) in-process) is the caller's to destroy
     fields = {k: v for k, v in vars(args).items() if k != "local_rank"}
     fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     try:
@@ -113,23 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     if not joined_before:
         leave_process_group(wait=True)
     return EXIT_STOPPED if result.get("stopped") else 0
-
-
-def leave_process_group(wait: bool) -> None:
-    """Destroy the process group before the interpreter exits.
-
-    Left to interpreter teardown, the gloo group's worker threads are sometimes destroyed while
-    still joinable: the rank then aborts ("terminate called without an active exception", exit
-    -6) after a run that finished, and the launcher reports the job failed. `wait`: barrier first,
-    so no rank tears down a connection a peer's last collective still uses.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    if wait:
-        dist.barrier()
-    dist.destroy_process_group()
 
 
 def say(line: str) -> None:

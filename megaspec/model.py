@@ -16,7 +16,7 @@ from torch import nn
 from megaspec.adapters import Adapter, adapter_class, dense_weight, is_quantized
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import AdapterConfig
-from megaspec.dist import gather_params, plan_adapters
+from megaspec.distributed import gather_params, plan_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -144,7 +144,7 @@ def test_update_rows_stay_exact_at_llama_row_counts():
     from torch import nn
 
     from megaspec.adapters.ssh import SSHAdapter
-    from megaspec.dist import plan_adapters
+    from megaspec.distributed import plan_adapters
     from megaspec.export.run import update_rows
 
     torch.manual_seed(0)

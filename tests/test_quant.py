@@ -318,7 +318,7 @@ def _zero3_worker(model_dir: str) -> dict:
     """One rank: bf16, nf4 and int8 bases under ZeRO-3; measured bytes, gathered dense weights, a few steps."""
     import deepspeed
 
-    from megaspec.dist import gather_layer
+    from megaspec.distributed import gather_layer
     from megaspec.train.dsconfig import resolve_ds_config
     from megaspec.train.loop import build_model
 
@@ -429,7 +429,7 @@ def _qwz_worker(model_dir: str) -> dict:
     """One rank of ds_configs/zero3_qwz.json: int8 shards, what gathers return, planning, training, merging."""
     import deepspeed
 
-    from megaspec.dist import gather_params
+    from megaspec.distributed import gather_params
     from megaspec.train.dsconfig import resolve_ds_config
     from megaspec.train.loop import build_model
 

@@ -152,7 +152,7 @@ def _record_reads(monkeypatch_target: object) -> list[int]:
 
 def _gathered_dense(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     from megaspec.adapters import dense_weight
-    from megaspec.dist import gather_layer
+    from megaspec.distributed import gather_layer
 
     out = {}
     for name in names:
@@ -163,7 +163,7 @@ def _gathered_dense(model: torch.nn.Module, names: list[str]) -> dict[str, torch
 
 def _plain_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unquantized parameters (embeddings, norms, lm_head), gathered."""
-    from megaspec.dist import gather_params
+    from megaspec.distributed import gather_params
 
     params = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point and not hasattr(p, "quant_state")}
     with gather_params(list(params.values())):

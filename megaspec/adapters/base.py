@@ -5,7 +5,7 @@ Life cycle of an adapter (DESIGN.md "adapter interface"):
 1. constructed around a frozen linear (nn.Linear, bnb Linear4bit/Linear8bitLt, or a ZeRO-3
    partitioned linear): no trainable state yet;
 2. planned: `plan_layer(weight)` sees the dense fp32 weight of its own layer (gathered and
-   dequantized by `megaspec.dist`, possibly on another rank) and returns a small picklable
+   dequantized by `megaspec.distributed`, possibly on another rank) and returns a small picklable
    result; `combine(results)` turns every layer's result into per-layer plans, identically on
    every rank (this is where a global, cross-layer choice happens); `apply_plan(plan)` stores
    the plan as buffers and creates the trainable parameters;

@@ -104,8 +104,8 @@ def build_zero3(config: Any, setting: Setting, dtype: torch.dtype, ds_config: di
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from megaspec.distributed.group import init_distributed
     from megaspec.model import apply_adapters
-    from megaspec.train.loop import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ it; rank 0 writes).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megaspec.dist.comm import rank as process_rank
+from megaspec.distributed.comm import rank as process_rank
 from megaspec.export.merged import DEFAULT_SHARD_BYTES, write_merged
 from megaspec.export.native import export_native
 from megaspec.export.peft_format import export_peft
@@ -29,22 +28,6 @@ from megaspec.export.sources import CheckpointSource, ModelSource, Source, local
 
 FORMATS = ("merged", "peft", "megaspec")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def init_ranks() -> None:
-    """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1.
-
-    Plain torch.distributed, not deepspeed.init_distributed: export needs only gather and
-    gather_object, and on CPU DeepSpeed's communication setup builds a shared-memory
-    all-reduce and leaves two 66 MB /dev/shm buffers per rank behind.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def open_source(run: Run) -> Source:
@@ -185,4 +168,4 @@ def describe(report: dict[str, Any]) -> str:
     return "\n".join([*lines, f"{head} -> {report['out']} in {report['seconds']:.1f} s"])
 
 
-__all__ = ["DTYPES", "FORMATS", "ExportError", "describe", "export", "init_ranks", "open_run"]
+__all__ = ["DTYPES", "FORMATS", "ExportError", "describe", "export", "open_run"]

@@ -28,9 +28,9 @@ from megaspec.adapters.fourierft import FourierFTAdapter
 from megaspec.adapters.lora import LoRAAdapter
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
 from megaspec.adapters.spectral_adapter import SpectralAdditiveAdapter, SpectralRotationAdapter
-from megaspec.dist.assign import assign_layers
-from megaspec.dist.comm import rank as process_rank
-from megaspec.dist.comm import world_size
+from megaspec.distributed.assign import assign_layers
+from megaspec.distributed.comm import gather_to_rank0, world_size
+from megaspec.distributed.comm import rank as process_rank
 from megaspec.export.lowrank import LowRank, compress, residual, spectrum_factors, svd_by_rows
 from megaspec.export.run import ExportError, Run, update_rows
 from megaspec.export.sources import Source
@@ -115,20 +115,9 @@ def lora_factors(
         if mine:
             local[name] = factor_layer(adapters[name], weight, rank, dtype)
     results: dict[str, dict[str, Any]] = {}
-    for part in gather_to_writer(local):
+    for part in gather_to_rank0(local) or []:
         results.update(part)
     return {name: results[name] for name in names if name in results}
-
-
-def gather_to_writer(obj: Any) -> list[Any]:
-    """Every rank's `obj` on rank 0, in rank order ([] elsewhere): factors travel once, not to every rank."""
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] | None = [None] * world_size() if process_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
 
 
 def _lora_config(run: Run, r: int, alpha: float, rank_pattern: dict[str, int], alpha_pattern: dict[str, float]) -> Any:

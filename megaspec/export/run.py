@@ -23,7 +23,7 @@ from torch import nn
 from megaspec.adapters import Adapter
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
 from megaspec.config import AdapterConfig
-from megaspec.dist.comm import rank
+from megaspec.distributed.comm import rank
 from megaspec.model import CONFIG_NAME, LAYERS_NAME, WEIGHTS_NAME, adapters_of, load_adapter
 from megaspec.spectral import sparse_spectrum_rows
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from megaspec.dist.comm import rank, world_size
+from megaspec.distributed.comm import rank, world_size
 from megaspec.tiny import embedded_tokenizer, tiny_llama_config
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets
 

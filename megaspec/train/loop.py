@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import math
@@ -15,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import DEFAULT_TARGETS, AdapterConfig
-from megaspec.dist.comm import all_gather_object, rank, world_size
+from megaspec.distributed.comm import (
+    all_gather_object,
+    barrier,
+    device,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from megaspec.distributed.group import init_distributed
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import adapters_of, apply_adapters, load_plans, save_adapter
 from megaspec.quant import (
@@ -104,50 +111,6 @@ class TrainConfig:
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-3)
 
 
-def init_distributed() -> None:
-    """Join the job's process group (NCCL on GPUs, gloo on CPU); a no-op when already joined."""
-    import deepspeed
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
-        except Exception as exc:
-            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
-                port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
-                raise ConfigError(
-                    f"the rendezvous port {addr}:{port} is already in use (another job on this node?); pass another "
-                    "one: deepspeed --master_port PORT ..., torchrun --master_port PORT ..., or MASTER_PORT=PORT"
-                ) from exc
-            raise
-        release_shm_buffers()
-
-
-def release_shm_buffers() -> list[Path]:
-    """Unlink this rank's /dev/shm all-reduce buffer (DeepSpeed's CPU backend) once every rank has mapped it.
-
-    DeepSpeed creates one 66 MB file per rank, named by uid, MASTER_ADDR, MASTER_PORT and rank,
-    and every rank maps every peer's file while the process group forms. Unlinked after a barrier,
-    the mappings stay valid and the memory goes back when the job ends, however it ends (issue 15:
-    they piled up in /dev/shm after every job, SIGKILL included). Returns the paths removed.
-    """
-    if world_size() > 1:
-        dist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
-    )
-    path = Path("/dev/shm") / name
-    if not path.exists():
-        return []
-    path.unlink(missing_ok=True)
-    return [path]
-
-
 def resolve_output_dir(cfg: TrainConfig) -> Path:
     """The run folder, named by rank 0's clock when not given so every rank agrees."""
     if cfg.output_dir:
@@ -190,25 +153,6 @@ def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none", q
     return base
 
 
-def _mean_over_ranks(value: float) -> float:
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
-    return float(t.item()) / world_size()
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -224,29 +168,17 @@ def evaluate(engine: Any, eval_set: Any, micro_batch: int, max_batches: int) -> 
         idx = [s * micro_batch * world + r * micro_batch + i for i in range(micro_batch)]
         real = [i for i in idx if i < n]
         items = [eval_set[i] for i in (real or [0])]
-        batch = _to_device({k: torch.stack([it[k] for it in items]) for k in items[0]}, _device())
+        batch = _to_device({k: torch.stack([it[k] for it in items]) for k in items[0]}, device())
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         if real:
             loss_sum += float(losses)
             tokens += float((labels != -100).sum())
-    loss_sum, tokens = _sum_over_ranks([loss_sum, tokens])
+    loss_sum, tokens = sum_over_ranks([loss_sum, tokens])
     engine.train()
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def dist_timeout() -> datetime.timedelta:
-    """How long a collective waits for a peer before the job fails ($MEGASPEC_DIST_TIMEOUT_S, default 600 s)."""
-    text = os.environ.get("MEGASPEC_DIST_TIMEOUT_S", "600")
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigError(f"MEGASPEC_DIST_TIMEOUT_S={text!r} must be a positive number of seconds")
-    return datetime.timedelta(seconds=seconds)
 
 
 class TrainingDiverged(RuntimeError):
@@ -274,7 +206,7 @@ class NonFiniteGuard:
     def finite(self, loss: torch.Tensor, step: int) -> bool:
         """Whether this micro-batch's loss is finite on every rank (step: the 1-based step it belongs to)."""
         ok = bool(torch.isfinite(loss.detach()).all()) and not (step in self.test_steps and rank() == 0)
-        return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+        return sum_over_ranks([0.0 if ok else 1.0])[0] == 0
 
     def end_step(self, skipped: bool, grad_norm: float | None = None) -> None:
         """Count a finished step: skipped (no finite micro-batch), or updated with the gradient norm `grad_norm`.
@@ -336,7 +268,7 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
-        return _sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
+        return sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
 
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # S2FT's estimate draws its own batches: the training order is unchanged
@@ -357,7 +289,7 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
         what = f"restored from {ckpt / 'adapter'}"
     else:
         stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
-        batches = [_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
+        batches = [_to_device(next(stream), device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
         info = calibrate_adapters(engine, batches, group_bytes=cfg.s2ft_estimate_group_mb * 2**20)
         calibration = info["calibration"]
         what = f"calibrated on {calibration['batches']} micro-batches per rank in {calibration['groups']} layer group(s)"
@@ -430,7 +362,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     stop = StopSignal()
     batches = batch_iterator(train_set, micro, cfg.seed, rank(), world_size(), start_step=start_step * accum)
     bar = progress_bar(cfg.max_steps, initial=start_step)
-    device = _device()
+    on = device()
     metrics: dict[str, Any] = {}
     step = start_step
     engine.train()
@@ -442,7 +374,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
             losses, tokens = [], 0.0
             owed = 0  # engine.step() calls of skipped micro-batches, made once a finite one follows
             for _ in range(accum):
-                batch = _to_device(next(batches), device)
+                batch = _to_device(next(batches), on)
                 loss = engine(**batch).loss
                 if not guard.finite(loss, step + 1):
                     owed += 1
@@ -464,8 +396,8 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
                     f"{_kept(out)}: lower --lr (or check the data), then --resume"
                 )
             elapsed = time.perf_counter() - t0
-            loss_value = _mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
-            tokens = _sum_over_ranks([tokens])[0]
+            loss_value = mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
+            tokens = sum_over_ranks([tokens])[0]
             metrics = {
                 "loss": loss_value,
                 "lr": lr_used,
@@ -523,7 +455,7 @@ def align_lr_schedule(engine: Any, step: int) -> None:
 def coefficients_finite(trainable: list[torch.nn.Parameter]) -> bool:
     """Whether every trainable parameter is finite on every rank (this rank's ZeRO-3 partition; all-reduced)."""
     ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in trainable)
-    return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+    return sum_over_ranks([0.0 if ok else 1.0])[0] == 0
 
 
 def _kept(out: Path) -> str:
@@ -647,8 +579,7 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
         shutil.rmtree(out)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if world_size() > 1:
-        dist.barrier()
+    barrier()
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:

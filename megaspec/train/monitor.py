@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from megaspec.dist.comm import rank, world_size
+from megaspec.distributed.comm import rank, world_size
 from megaspec.model import adapters_of
 from megaspec.train.checkpoint import CHECKPOINTS, read_latest
 from megaspec.train.errors import out_of_space, write_failed

@@ -17,9 +17,9 @@ import torch
 
 from megaspec.adapters import Adapter, dense_weight
 from megaspec.adapters.base import Plan
-from megaspec.dist.assign import assign_layers
-from megaspec.dist.comm import all_gather_object, rank, to_cpu, world_size
-from megaspec.dist.gather import gather_layer, gathered_numel, is_partitioned
+from megaspec.distributed.assign import assign_layers
+from megaspec.distributed.comm import all_gather_object, rank, to_cpu, world_size
+from megaspec.distributed.gather import gather_layer, gathered_numel, is_partitioned
 
 
 def plan_adapters(adapters: dict[str, Adapter]) -> dict[str, Any]:
