@@ -1,6 +1,6 @@
 """Plan adapters from data: the coarse update estimate of S2FT, on a plain model or under ZeRO-3.
 
-Why two phases. The estimate dWhat = -sum_batches dL/dW0 (METHODS.md 4 step 1) needs forward and
+Why two phases. The estimate dWhat = -sum_batches dL/dW0 (docs/methods.md §4 step 1) needs forward and
 backward passes. Under ZeRO-3 the frozen base is partitioned and only the DeepSpeed engine's
 module hooks gather it, so the passes can only run once the engine exists; but the engine's
 optimizer must be built over the final trainable parameters. So `apply_adapters` gives

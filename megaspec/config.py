@@ -19,14 +19,14 @@ class AdapterConfig:
     # sparse-spectrum methods (ssh, fourierft, s2ft): coefficients per adapted layer
     n_coeffs: int = 750
     # SSH: fraction of positions chosen by DHT energy of W0 (the rest uniformly at random);
-    # 0.5 follows the paper, 0.2 is what the released code effectively does (METHODS.md 2.2)
+    # 0.5 follows the paper, 0.2 is what the released code effectively does (docs/methods.md §2.2)
     energy_ratio: float = 0.5
     # SSH: "global" ranks energy candidates across all adapted layers (n_coeffs * layers in
-    # total, METHODS.md 2.4); "per_layer" gives every layer exactly n_coeffs
+    # total, docs/methods.md §2.4); "per_layer" gives every layer exactly n_coeffs
     selection: str = "global"
     # SSH global mode: every layer keeps at least this many energy positions
     min_per_layer: int = 8
-    # SSH: True uses the separable cas(u)cas(v) kernel of the released SSH code (METHODS.md 1.1 b)
+    # SSH: True uses the separable cas(u)cas(v) kernel of the released SSH code (docs/methods.md §1.1 b)
     separable: bool = False
     # None: each method's natural default (sqrt(M N) for sparse spectra, alpha/rank for low rank)
     scale: float | None = None

@@ -282,7 +282,7 @@ def test_smoa_on_bitsandbytes_base():
     assert torch.equal(adapter.row_perm, spectral_order(w0)[0])
 
 
-# --- LLaMA-3.1-8B counts on meta (METHODS.md 8) ----------------------------------------------
+# --- LLaMA-3.1-8B counts on meta (docs/methods.md §8) ----------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -302,7 +302,7 @@ def test_bad_configs(tiny_model):
 def test_llama31_8b_count_on_meta():
     model = llama31_8b_meta()
     summary = apply_adapters(model, AdapterConfig(method="s2ft", n_coeffs=1000, target_modules=["q_proj", "v_proj"]))
-    assert summary.trainable == 64_000 and summary.nominal  # as FourierFT (METHODS.md 3): n per layer
+    assert summary.trainable == 64_000 and summary.nominal  # as FourierFT (docs/methods.md §3): n per layer
     q = model.model.layers[0].self_attn.q_proj
     assert {k: tuple(v.shape) for k, v in q.plan_state().items()} == {k: tuple(v.shape) for k, v in q.nominal_plan().items()}
 

@@ -1,6 +1,6 @@
 """The one interface every method implements: wrap a frozen linear and add scale * delta(x).
 
-Life cycle of an adapter (DESIGN.md "adapter interface"):
+Life cycle of an adapter (docs/design.md "Adapter interface"):
 
 1. constructed around a frozen linear (nn.Linear, bnb Linear4bit/Linear8bitLt, or a ZeRO-3
    partitioned linear): no trainable state yet;

@@ -1,4 +1,4 @@
-"""S2FT: fine-tuning in a sparse spectrum of a permuted update (Zhang et al., CVPR 2026; METHODS.md 4).
+"""S2FT: fine-tuning in a sparse spectrum of a permuted update (Zhang et al., CVPR 2026; docs/methods.md §4).
 
 dW = P_r,c(scale * Re(IFFT2(S))): FourierFT's kernel in a row/column-permuted ("latent") domain,
 dW[row_perm[i], col_perm[j]] = dWbar[i, j], with n real coefficients S at planned positions.
@@ -33,9 +33,9 @@ No code is public. What the paper says (through a third-party note) and what is 
 - Training [inferred, FourierFT-style]: n real coefficients, zero init (init="gaussian" is
   refused: the estimate is taken at the frozen weights and the plan moves the positions), scale
   sqrt(M N) by default (ortho_scale) or config.scale. Fast forward: x~ = x[..., col_perm], the
-  FourierFT sparse-spectrum path (METHODS.md 1.3) on x~, then y = y~[..., inv_row_perm].
+  FourierFT sparse-spectrum path (docs/methods.md §1.3) on x~, then y = y~[..., inv_row_perm].
   Rows of dW for merge/export: latent rows inv_row_perm[a] by the FourierFT row formula
-  (METHODS.md 1.4), columns placed through inv_col_perm.
+  (docs/methods.md §1.4), columns placed through inv_col_perm.
 - Buffers (saved, never recomputed on load): rows, cols, row_perm, inv_row_perm, col_perm,
   inv_col_perm (long) and calibrated (bool, False for the provisional plan). apply_adapters
   refuses s2ft without calibration batches unless told that the caller calibrates later (the
@@ -86,7 +86,7 @@ def pairwise_sq_distances(points: torch.Tensor, block: int = 1024) -> torch.Tens
 
 
 def nearest_neighbour_order(points: torch.Tensor, start: int) -> torch.Tensor:
-    """Greedy open-path TSP over the rows of `points` (METHODS.md 4 step 2): from `start`, always the
+    """Greedy open-path TSP over the rows of `points` (docs/methods.md §4 step 2): from `start`, always the
     nearest unvisited row; ties to the lowest index. Returns the visiting order (a permutation)."""
     dist = pairwise_sq_distances(points)
     k = dist.shape[0]
@@ -127,7 +127,7 @@ def sample_without_replacement(
 def power_prior_positions(
     latent: torch.Tensor, count: int, gamma: float, generator: torch.Generator, chunk: int | None = None
 ) -> torch.Tensor:
-    """Flat positions u * N + v drawn from one half-plane with p ~ |FFT2(latent)|^gamma (METHODS.md 4 step 3)."""
+    """Flat positions u * N + v drawn from one half-plane with p ~ |FFT2(latent)|^gamma (docs/methods.md §4 step 3)."""
     m, n = latent.shape
     h = n // 2 + 1
     amp = torch.fft.rfft2(latent.to(compute_dtype(latent))).abs().flatten()

@@ -1,6 +1,6 @@
-"""SMoA, Spectrum Modulation Adapter (Liu et al., arXiv 2605.21147; METHODS.md 5).
+"""SMoA, Spectrum Modulation Adapter (Liu et al., arXiv 2605.21147; docs/methods.md §5).
 
-Following the author code (misonsky/SMoA cpeft/tuners/smoa.py, as read in METHODS.md 5):
+Following the author code (misonsky/SMoA cpeft/tuners/smoa.py, as read in docs/methods.md §5):
 
 Plan (needs the dense weight): a float64 thin SVD W0 = U diag(s) V^T; each output coordinate i is
 scored by its energy-weighted mean singular index sum_j U[i,j]^2 s_j^2 j / sum_j U[i,j]^2 s_j^2, each
@@ -19,7 +19,7 @@ Count: sum_k r_k (|R_k| + |C_k|) = r (M + N) / K for K dividing r, M and N.
 Update: dW[R_k, C_k] = (alpha / r) (B_k A_k) ⊙ W0[R_k, C_k] with the *total* r, zero off the
 block diagonal; config.scale, when set, replaces alpha / r. No dropout (the code's lora_dropout).
 
-Anchors W0[R_k, C_k] are read from the base weight, never copied into the adapter (METHODS.md 11):
+Anchors W0[R_k, C_k] are read from the base weight, never copied into the adapter (docs/methods.md §11):
 saved adapters stay small, and a merged or re-planned model cannot pick up stale anchors. In
 forward they are sliced inside a forward hook on the base linear, i.e. while the base weight is
 materialised even under ZeRO-3, where DeepSpeed gathers it only for the base's own forward: the

@@ -1,4 +1,4 @@
-"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): tune the top-r singular vectors of W0 (METHODS.md 6).
+"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): tune the top-r singular vectors of W0 (docs/methods.md §6).
 
 Plan (both variants, needs the dense weight): W0 = U S V^T by a float64 thin SVD; keep the top r
 as buffers U1 (M x r), S1 (r), V1 (N x r), signs fixed so that the largest-|.| entry of every

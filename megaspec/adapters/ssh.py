@@ -1,9 +1,9 @@
 """SSH: sparse spectrum adaptation via the discrete Hartley transform (Shen et al., NAACL 2025).
 
-dW = scale * IDHT2(S) with n trainable coefficients at planned positions (METHODS.md 2).
+dW = scale * IDHT2(S) with n trainable coefficients at planned positions (docs/methods.md §2).
 Positions: a fraction `energy_ratio` by DHT energy of W0, the rest uniformly at random (seeded).
 
-Choices (METHODS.md 2.2-2.4, all recorded here because the paper body was not reachable):
+Choices (docs/methods.md §2.2-2.4, all recorded here because the paper body was not reachable):
 - kernel: the true non-separable 2-D DHT by default; `separable=True` for the released code's
   rows-then-columns transform.
 - energy: ortho-normalised H^2 / (M N), so by Parseval a layer's energies sum to ||W0||_F^2 and
@@ -112,7 +112,7 @@ def _floor_and_take(adapters: dict[str, Adapter]) -> tuple[int, int]:
 
 
 def _global_energy_positions(adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Per-layer floor, then the global top scores across layers (METHODS.md 2.4)."""
+    """Per-layer floor, then the global top scores across layers (docs/methods.md §2.4)."""
     names = list(adapters)
     floor, take = _floor_and_take(adapters)
     chosen = {name: results[name]["positions"][:floor] for name in names}

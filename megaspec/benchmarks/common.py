@@ -50,7 +50,7 @@ class Setting:
         return AdapterConfig(method=self.method, target_modules=list(self.targets), **{**self.fields, **overrides})
 
 
-# METHODS.md §8 and the brief: the settings each paper reports for LLaMA-class models.
+# docs/methods.md §8: the settings each paper reports for LLaMA-class models.
 PAPER_SETTINGS: dict[str, list[Setting]] = {
     "ssh": [Setting("ssh n=750", "ssh", {"n_coeffs": 750})],
     "fourierft": [Setting("fourierft n=1000", "fourierft", {"n_coeffs": 1000})],

@@ -1,6 +1,6 @@
 """Plan every adapter collectively: one layer gathered at a time, layers spread over ranks, one agreed plan.
 
-DESIGN.md "Collective steps under ZeRO-3". Every rank runs the same sequence of collectives:
+docs/design.md "Collective steps under ZeRO-3". Every rank runs the same sequence of collectives:
 one gather per partitioned layer (in layer order), each adapter class's `select_results` (SSH's
 global selection agrees there on what to send), one all-gather of the per-layer results, one
 all-gather of the plan digests. World size 1 (or torch.distributed not initialised) takes the

@@ -1,7 +1,7 @@
 """Low-rank factorisations of an adapter's update dW = B A, exact where the method's structure allows.
 
 Pure tensor math (a candidate for megaspec/spectral/): the sparse-spectrum kernels have a
-closed-form factorisation (METHODS.md 1.3, "explicit bases"),
+closed-form factorisation (docs/methods.md §1.3, "explicit bases"),
 
     cas(t + p) = cos t cas p + sin t cas(-p)          (SSH, "dht")
     cos(t + p) = cos t cos p - sin t sin p            (FourierFT, "fourier")

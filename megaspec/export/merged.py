@@ -3,7 +3,7 @@
 Nothing holds a full model: the base is read one tensor at a time; the writer (rank 0) holds one
 output shard and one layer. With several ranks each rank reconstructs only its contiguous block
 of every adapted layer's rows (`delta_weight(row_ids)`: one 1-D transform per row for the
-spectral methods, METHODS.md 1.4), and the blocks are gathered to the writer.
+spectral methods, docs/methods.md §1.4), and the blocks are gathered to the writer.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Sparse-spectrum linear maps: y = x @ dW.T without allocating the M x N update dW (but in tiny layers).
 
 A sparse spectrum holds n real coefficients c_j at (row frequency u_j, column frequency v_j).
-Three kernels are supported (METHODS.md 1.2):
+Three kernels are supported (docs/methods.md §1.2):
 
     "dht"           dW = DHT2(S)/(MN)            true 2-D Hartley (SSH)
     "dht_separable" dW = DHT2_sep(S)/(MN)        separable Hartley (SSH's released code)
     "fourier"       dW = Re(IFFT2(S))            FourierFT (HF peft)
 
-The fast forward (DESIGN.md "key math", METHODS.md 1.3) uses one real FFT of each token, a gather
+The fast forward (docs/design.md "Key math", docs/methods.md §1.3) uses one real FFT of each token, a gather
 of n columns, a scatter of n rows and one inverse real FFT: O(B (M + N) log) per layer.
 """
 
@@ -28,7 +28,7 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"unknown spectral kernel {kernel!r}; expected one of {KERNELS}")
 
 
-# The forward of all three kernels (METHODS.md 1.3): gather the full FFT of x at the columns,
+# The forward of all three kernels (docs/methods.md §1.3): gather the full FFT of x at the columns,
 # F[v] = re + i im, mix it into (p, q), and y = Re(IFFT_M(sum_j c_j (p_j + i q_j) e_{u_j})) / N.
 #   dht:           p + iq = H[v] - i H[-v],  H[v] = re - im, H[-v] = re + im
 #   fourier:       p + iq = conj(F[v])
@@ -273,7 +273,7 @@ def sparse_spectrum_rows(
 ) -> torch.Tensor:
     """Rows `row_ids` (default all) of the dense update dW, one length-N transform per row.
 
-    METHODS.md 1.4: A_a[v] = sum_{v_j = v} c_j cos(theta_aj), B_a[v] = sum c_j sin(theta_aj);
+    docs/methods.md §1.4: A_a[v] = sum_{v_j = v} c_j cos(theta_aj), B_a[v] = sum c_j sin(theta_aj);
     dW[a] = DHT_N(A_a + R B_a)/(MN) (R reverses v -> -v), or N Re(IFFT_N(A_a + i B_a))/(MN) for
     FourierFT. Memory is O(block * (n + N)): merging a sharded or quantized base never needs the
     full M x N update on one rank.
