@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ranks()
     try:
         export(
-            args.run, args.out, args.format, rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
+            args.run, args.out, args.format, lora_rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
             overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3), merge_base=args.merge_base,
         )
     except (ExportError, OSError) as e:  # OSError: --out or the base became unreadable or unwritable mid-way

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     prefer_cpu_accelerator()
     args = parse_args(argv)
     from megaspec.export import ExportError
-    from megaspec.export.inference import complete, load_for_inference
+    from megaspec.export.generate import complete, load_for_inference
 
     try:
         model, tokenizer = load_for_inference(args.run, args.merged, args.adapter)

@@ -20,7 +20,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line on stderr (exit 2), not the usage text."""
 
     def error(self, message: str) -> NoReturn:
-        say(f"megaspec: error: {message}")
+        say(f"train: error: {message}")
         sys.exit(2)
 
 
@@ -92,22 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainConfig(**fields)
         for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
-            say(f"megaspec: warning: {warning}")
+            say(f"train: warning: {warning}")
         result = train(cfg)
     except WriteFailed as e:  # on the rank whose write failed; its exit makes the launcher end the others
         if e.origin_rank == int(os.environ.get("RANK", "0")):
             prefix = "" if e.origin_rank == 0 else f"rank {e.origin_rank}: "
-            print(f"megaspec: error: {prefix}{e}", file=sys.stderr, flush=True)
+            print(f"train: error: {prefix}{e}", file=sys.stderr, flush=True)
         if not joined_before:
             leave_process_group(wait=False)
         return EXIT_REFUSED
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DataError and adapter config errors
-        say(f"megaspec: error: {str(e).splitlines()[0]}")
+        say(f"train: error: {str(e).splitlines()[0]}")
         if not joined_before:
             leave_process_group(wait=False)
         return EXIT_REFUSED
     except TrainingDiverged as e:
-        say(f"megaspec: error: {e}")
+        say(f"train: error: {e}")
         if not joined_before:
             leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
         return EXIT_DIVERGED

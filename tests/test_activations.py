@@ -205,7 +205,7 @@ def test_bad_flags_exit_2_in_one_line_before_loading(args, expect, tmp_path, cap
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), *args, "--max_steps", "1", "--output_dir", str(out)])
     captured = capsys.readouterr()
     assert code == 2
-    errors = [line for line in captured.err.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in captured.err.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and expect in errors[0], captured.err
     assert not out.exists() and "trainable of" not in captured.out
 

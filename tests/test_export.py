@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from megaspec.adapters import ADAPTERS, adapter_class
 from megaspec.config import AdapterConfig
 from megaspec.export import ExportError, export, open_run
-from megaspec.export.lowrank import compress, residual, spectrum_factors, svd_by_rows
+from megaspec.export.factors import compress, residual, spectrum_factors, svd_by_rows
 from megaspec.export.run import detached_adapters, load_base
 from megaspec.export.sources import CheckpointSource, ModelSource
 from megaspec.model import adapters_of, apply_adapters, load_adapter, save_adapter
@@ -342,7 +342,7 @@ def test_lora_exports_as_trained(runs, tmp_path):
 
 def test_truncated_rank_reports_the_true_residual(runs, tmp_path, capsys):
     out = tmp_path / "peft"
-    export(runs["ssh"], out, "peft", rank=4)
+    export(runs["ssh"], out, "peft", lora_rank=4)
     printed_lines = capsys.readouterr().out.splitlines()
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 4, {})
@@ -368,7 +368,7 @@ def test_native_export_is_the_adapter_with_a_model_card(runs, tmp_path):
 
 
 def test_generate_from_the_embedded_default_run(trained_run, trained_merged):
-    from megaspec.export.inference import complete, load_for_inference
+    from megaspec.export.generate import complete, load_for_inference
 
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "generate.py"), "--run", str(trained_run), "--prompt", "Q: add 3 and 4\\nA:",

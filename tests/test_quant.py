@@ -516,7 +516,7 @@ def test_qwz_int8_frozen_shards_train_plan_and_merge(ranks, wide_dir):
 @pytest.mark.slow
 def test_qwz_config_trains_from_the_command_line_on_two_ranks(tmp_path):
     """`deepspeed launch/train.py --ds_config ds_configs/zero3_qwz.json` on 2 CPU ranks, a 512-wide model."""
-    from megaspec.tiny import embedded_tokenizer
+    from megaspec.train.embedded import embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
     model_dir = save_model(tmp_path / "model", LlamaConfig(**{**WIDE, "vocab_size": len(tokenizer), "max_position_embeddings": 128}))

@@ -117,7 +117,7 @@ def test_missing_tensor_or_shard_is_one_clear_error(odd_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_refuses_a_bin_checkpoint_with_exit_2(tmp_path):
     """`launch/train.py --quantize nf4` on a pytorch_model.bin folder: one line, exit 2, before any training."""
-    from megaspec.tiny import embedded_tokenizer
+    from megaspec.train.embedded import embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
     model_dir = save_bin(tmp_path / "model", {**ODD, "vocab_size": len(tokenizer)})
@@ -125,7 +125,7 @@ def test_cli_refuses_a_bin_checkpoint_with_exit_2(tmp_path):
     proc = run_train(["--model", str(model_dir), "--quantize", "nf4", "--max_steps", "2", "--seq_len", "32",
                       "--output_dir", str(tmp_path / "run")])
     assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "holds pytorch_model.bin, not safetensors" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 

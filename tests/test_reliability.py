@@ -102,7 +102,7 @@ def write_workspace(ws: Path) -> None:
     variant("batch7.json", lambda c: c.update(train_batch_size=7))
     variant("optimizer.json", lambda c: c["optimizer"].update(type="AdamQ"))
 
-    from megaspec.tiny import embedded_tokenizer, tiny_llama_config
+    from megaspec.train.embedded import embedded_tokenizer, tiny_llama_config
 
     model = ws / "vocab100"  # config.json and tokenizer only: validation never needs the weights
     embedded_tokenizer().save_pretrained(model)
@@ -203,7 +203,7 @@ def test_bad_input_fails_fast_with_one_line_and_leaves_output_dir_alone(case: Ca
         proc, before, after, seconds = run_in_process(case, workspace, capsys)
     report = f"exit {proc.returncode} after {seconds:.0f}s\n--- stderr\n{proc.stderr[-3000:]}\n--- stdout\n{proc.stdout[-1500:]}"
     assert proc.returncode == 2, report
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and case.expect in errors[0], report
     assert "Traceback" not in proc.stderr, report
     assert after == before, f"output_dir changed: {before} -> {after}"
@@ -448,7 +448,7 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path) -> None:
     assert proc.returncode != 0
     assert seconds < 90, f"the job took {seconds:.0f}s to end after a rank hung"
     # the rank still alive says where it waits, while it waits (issue 15)
-    assert "megaspec: heartbeat: rank 0 still in step" in (tmp_path / "logs" / "stderr").read_text()
+    assert "train: heartbeat: rank 0 still in step" in (tmp_path / "logs" / "stderr").read_text()
     assert leftovers == [], "the ranks unlink their /dev/shm buffers once the process group has formed"
 
 
@@ -490,7 +490,7 @@ def test_repeated_nan_stops_with_the_step_and_keeps_last_good_checkpoint(nan_run
 
     out, proc = nan_run
     assert proc.returncode == 3, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and "loss is not finite at step 9" in errors[0] and "--max_skipped_steps 2" in errors[0]
     assert max(losses(out)) == 9
     assert latest_checkpoint(out).name == "step-000005"

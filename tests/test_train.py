@@ -134,7 +134,7 @@ def test_hf_model_sentencepiece_and_jsonl_instructions(tmp_path):
     import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megaspec.tiny import embedded_corpus, embedded_instructions
+    from megaspec.train.embedded import embedded_corpus, embedded_instructions
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(embedded_corpus(500, seed=1)))

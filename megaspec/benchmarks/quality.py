@@ -70,8 +70,8 @@ class Data:
 
 def load_data(seed: int = 0) -> Data:
     """The embedded instruction task with the embedded tokenizer (deterministic)."""
-    from megaspec.tiny import embedded_tokenizer
     from megaspec.train.data import DataConfig, build_datasets
+    from megaspec.train.embedded import embedded_tokenizer
 
     train, held = build_datasets(DataConfig(seq_len=SEQ_LEN, seed=seed, format="instruction", eval_fraction=EVAL_FRACTION),
                                  embedded_tokenizer())

@@ -2,7 +2,7 @@
 
     export("runs/X", "out/merged", "merged")          # base + update, sharded safetensors
     export("runs/X", "out/peft", "peft")              # PeftModel.from_pretrained(base, "out/peft")
-    export("runs/X", "out/peft16", "peft", rank=16)   # truncated LoRA (vLLM's max_lora_rank)
+    export("runs/X", "out/peft16", "peft", lora_rank=16)   # truncated LoRA (vLLM's max_lora_rank)
     export("runs/X", "out/native", "megaspec")        # the adapter folder + model_card.json
 
 Every format is written into a hidden temp folder beside `out` and renamed at the end, so a failed
@@ -100,7 +100,7 @@ def export(
     run_dir: str | Path,
     out: str | Path,
     format: str,
-    rank: int | None = None,
+    lora_rank: int | None = None,
     dtype: str | None = None,
     adapter: str | Path | None = None,
     as_lora: bool = False,
@@ -118,7 +118,7 @@ def export(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if rank is not None and (format != "peft" or rank < 1):
+    if lora_rank is not None and (format != "peft" or lora_rank < 1):
         raise ExportError("--rank takes a positive rank and applies to --format peft only")
     if merge_base is not None and format != "merged":
         raise ExportError("--merge_base applies to --format merged only (a peft or megaspec adapter carries no base)")
@@ -136,7 +136,7 @@ def export(
             if folder is not None:
                 write_model_files(run, folder, torch_dtype)
         elif format == "peft":
-            report = export_peft(run, adapters, folder, rank, as_lora, torch_dtype or torch.float32, lambda: open_source(run))
+            report = export_peft(run, adapters, folder, lora_rank, as_lora, torch_dtype or torch.float32, lambda: open_source(run))
         else:
             report = export_native(run, folder) if folder is not None else {}
     report.update(format=format, out=str(out), seconds=time.perf_counter() - start, method=run.adapter_config.method)

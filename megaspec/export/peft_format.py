@@ -6,7 +6,7 @@
   one `scaling`).
 - LoRA as trained (r, lora_alpha, A, B).
 - Any other method, or any method with --lora / --rank, as LoRA from a factorisation dW = B A:
-  exact for the structured updates (lowrank.py: SSH and FourierFT rank <= 2 * #distinct
+  exact for the structured updates (factors.py: SSH and FourierFT rank <= 2 * #distinct
   frequencies, LoRA, Spectral Adapter), an exact SVD from row blocks otherwise; B A is reduced
   to its numerical rank, or truncated to --rank r. lora_alpha = r everywhere (scaling 1), with
   rank_pattern / alpha_pattern for per-layer exact ranks. Each layer's relative residual
@@ -31,7 +31,7 @@ from megaspec.adapters.spectral_adapter import SpectralAdditiveAdapter, Spectral
 from megaspec.distributed.assign import assign_layers
 from megaspec.distributed.comm import gather_to_rank0, world_size
 from megaspec.distributed.comm import rank as process_rank
-from megaspec.export.lowrank import LowRank, compress, residual, spectrum_factors, svd_by_rows
+from megaspec.export.factors import LowRank, compress, residual, spectrum_factors, svd_by_rows
 from megaspec.export.run import ExportError, Run, update_rows
 from megaspec.export.sources import Source
 
@@ -78,8 +78,8 @@ def exact_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def factor_layer(adapter: Adapter, weight: torch.Tensor | None, rank: int | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """LoRA factors (in `dtype`) of one layer at its exact rank (rank None) or `rank`, with the measured residual.
+def factor_layer(adapter: Adapter, weight: torch.Tensor | None, lora_rank: int | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """LoRA factors (in `dtype`) of one layer at its exact rank (lora_rank None) or `lora_rank`, with the measured residual.
 
     The SVD and the residual use float64 rows of dW (update_rows), so the residual is that of the
     exported factors, rounding to `dtype` included.
@@ -87,14 +87,14 @@ def factor_layer(adapter: Adapter, weight: torch.Tensor | None, rank: int | None
     rows = update_rows(adapter, weight)
     exact = exact_factors(adapter)
     low: LowRank = compress(*exact) if exact is not None else svd_by_rows(rows, adapter.shape)
-    r = max(low.rank, 1) if rank is None else rank
+    r = max(low.rank, 1) if lora_rank is None else lora_rank
     b, a = (f.to(dtype) for f in low.factors(r))
     how = "structured" if exact is not None else "svd"
     return {"B": b, "A": a, "exact_rank": low.rank, "rank": r, "residual": residual(rows, b, a), "how": how}
 
 
 def lora_factors(
-    adapters: dict[str, Adapter], rank: int | None, open_source: Callable[[], Source] | None, dtype: torch.dtype = torch.float32
+    adapters: dict[str, Adapter], lora_rank: int | None, open_source: Callable[[], Source] | None, dtype: torch.dtype = torch.float32
 ) -> dict[str, dict[str, Any]]:
     """Every layer's factors on rank 0 (empty elsewhere); layers are spread over ranks. Collective.
 
@@ -113,7 +113,7 @@ def lora_factors(
             raw = source.read(f"{name}.weight", wanted=mine)
             weight = raw.float() if raw is not None else None
         if mine:
-            local[name] = factor_layer(adapters[name], weight, rank, dtype)
+            local[name] = factor_layer(adapters[name], weight, lora_rank, dtype)
     results: dict[str, dict[str, Any]] = {}
     for part in gather_to_rank0(local) or []:
         results.update(part)
@@ -202,7 +202,7 @@ def export_peft(
     run: Run,
     adapters: dict[str, Adapter],
     folder: Path | None,
-    rank: int | None = None,
+    lora_rank: int | None = None,
     as_lora: bool = False,
     dtype: torch.dtype = torch.float32,
     open_source: Callable[[], Source] | None = None,
@@ -214,16 +214,16 @@ def export_peft(
         raise ExportError("--format peft needs the peft package (pip install peft)") from e
     method = run.adapter_config.method
     factors: dict[str, dict[str, Any]] = {}
-    if method == "fourierft" and rank is None and not as_lora:
+    if method == "fourierft" and lora_rank is None and not as_lora:
         config, tensors = fourierft_as_peft(run, adapters, dtype)
         kind = "fourierft"
-    elif method == "lora" and rank is None:
+    elif method == "lora" and lora_rank is None:
         config, tensors = lora_as_trained(run, adapters, dtype)
         kind = "lora (as trained)"
     else:
-        factors = lora_factors(adapters, rank, open_source, dtype)
+        factors = lora_factors(adapters, lora_rank, open_source, dtype)
         config, tensors = lora_from_factors(run, factors, dtype) if factors else (None, {})  # empty off rank 0
-        kind = "lora (exact rank)" if rank is None else f"lora (rank {rank})"
+        kind = "lora (exact rank)" if lora_rank is None else f"lora (rank {lora_rank})"
     if folder is not None and config is not None:
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})

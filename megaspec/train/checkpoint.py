@@ -372,7 +372,7 @@ def resume_checkpoint(output_dir: str | Path) -> Path:
                 "move the folder away and start a new run"
             )
         if rejected:
-            print(f"megaspec: warning: resuming from {found.name}, skipping newer checkpoints that fail verification "
+            print(f"train: warning: resuming from {found.name}, skipping newer checkpoints that fail verification "
                   f"({reasons})", file=sys.stderr, flush=True)
         for leftover in root.glob(f"{TMP_PREFIX}*"):
             logger.warning("removing %s, left by an interrupted save", leftover)

@@ -247,7 +247,7 @@ class RunLogger:
                                    read_latest(self.output_dir / CHECKPOINTS)) from exc
             if what not in self.failed:
                 self.failed.add(what)
-                print(f"megaspec: warning: TensorBoard {what} at step {step} not written ({type(exc).__name__}: "
+                print(f"train: warning: TensorBoard {what} at step {step} not written ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); training goes on", file=sys.stderr, flush=True)
 
     def log_spectral(

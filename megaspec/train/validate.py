@@ -271,7 +271,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def load_model_config(model: str | None) -> Any:
     """The HF config of --model (or of the embedded tiny LLaMA), read without loading weights."""
     if model is None:
-        from megaspec.tiny import embedded_tokenizer, tiny_llama_config
+        from megaspec.train.embedded import embedded_tokenizer, tiny_llama_config
 
         return tiny_llama_config(len(embedded_tokenizer()))
     from transformers import AutoConfig
