@@ -61,7 +61,7 @@ DEFAULT_GROUP_BYTES = 2**30  # fp32 estimate buffers held at once per rank: 1 Gi
 
 def calibrating(adapters: dict[str, Adapter]) -> dict[str, Adapter]:
     """The adapters whose plan comes from data (their class sets needs_calibration)."""
-    return {name: a for name, a in adapters.items() if getattr(a, "needs_calibration", False)}
+    return {name: a for name, a in adapters.items() if a.needs_calibration}
 
 
 def _adapters(module: nn.Module) -> dict[str, Adapter]:

@@ -94,7 +94,7 @@ def apply_adapters(
     """
     names = find_targets(model, config.target_modules)
     on_meta = model.get_submodule(names[0]).weight.device.type == "meta"
-    data_planned = getattr(adapter_class(config.method), "needs_calibration", False)
+    data_planned = adapter_class(config.method).needs_calibration
     if data_planned and calibration is None and not defer_calibration and not on_meta:
         raise ValueError(
             f"method {config.method!r} plans from data: pass calibration=batches (inputs with labels), or "

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from megaspec.adapters import ADAPTERS, adapter_class
 from megaspec.config import AdapterConfig
 from megaspec.export import ExportError, export, open_run
-from megaspec.export.factors import compress, residual, spectrum_factors, svd_by_rows
+from megaspec.export.factors import compress, residual, svd_by_rows
 from megaspec.export.run import detached_adapters, load_base
 from megaspec.export.sources import CheckpointSource, ModelSource
 from megaspec.model import adapters_of, apply_adapters, load_adapter, save_adapter
 from megaspec.spectral import dense_update
+from megaspec.spectral.sparse import spectrum_factors
 from megaspec.train.embedded import embedded_base
 from tests.distributed import REPO, run_script
 from tests.launcher import check, cpu_env, run_train
@@ -42,7 +43,7 @@ def make_run(root: Path, method: str, quantize: str = "none", **overrides) -> Pa
     model = base_model()
     fields = dict(method=method, n_coeffs=100, seed=7, rank=4, n_blocks=2)
     fields.update(overrides)
-    if getattr(adapter_class(method), "needs_calibration", False):  # S2FT plans from a gradient estimate
+    if adapter_class(method).needs_calibration:  # S2FT plans from a gradient estimate
         apply_adapters(model, AdapterConfig(**fields), calibration=[{"input_ids": INPUT, "labels": INPUT}])
     else:
         apply_adapters(model, AdapterConfig(**fields))

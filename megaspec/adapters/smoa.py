@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from megaspec.adapters.base import Adapter, Plan, dense_weight, is_quantized, layer_generator
+from megaspec.config import AdapterConfig
 from megaspec.spectral.lowrank import offsets, spectral_order, split_sizes
 
 
@@ -53,16 +54,23 @@ class SMoAAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         (m, n), r, k = self.shape, self.config.rank, self.config.n_blocks
-        if not 0 < k <= min(m, n):
-            raise ValueError(f"n_blocks={k} must be in 1..{min(m, n)} for smoa on layer {self.name} ({m}x{n})")
-        if r < k:
-            raise ValueError(f"rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
         self.row_sizes, self.col_sizes = split_sizes(m, k), split_sizes(n, k)
         self.ranks = split_sizes(r, k)  # r // K each, one more for the first r % K blocks
-        self.scale = self.config.alpha / r if self.config.scale is None else float(self.config.scale)
+        self.scale = self.resolved_scale()
         self._capture = False
         self._live: list[torch.Tensor] | None = None
         self.base.register_forward_hook(self._grab_anchors)
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        (m, n), r, k = shape, config.rank, config.n_blocks
+        if not 0 < k <= min(m, n):
+            raise ValueError(f"n_blocks={k} must be in 1..{min(m, n)} for smoa on layer {name} ({m}x{n})")
+        if r < k:
+            raise ValueError(f"rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
+
+    def default_scale(self) -> float:
+        return self.config.alpha / self.config.rank
 
     # --- plan -----------------------------------------------------------------------------
     def plan_layer(self, weight: torch.Tensor | None) -> Plan:

@@ -34,6 +34,7 @@ import torch
 
 from megaspec.adapters.base import Adapter, Plan, layer_generator
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter, positions_plan, sample_positions
+from megaspec.config import AdapterConfig
 from megaspec.spectral import dht2_energy_topk
 
 
@@ -44,13 +45,14 @@ class SSHAdapter(SparseSpectrumAdapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kernel = "dht_separable" if self.config.separable else "dht"
-        cfg, (m, n) = self.config, self.shape
-        if cfg.selection not in ("global", "per_layer"):
-            raise ValueError(f"selection={cfg.selection!r}; use 'global' or 'per_layer'")
-        if not 0.0 <= cfg.energy_ratio <= 1.0:
-            raise ValueError(f"energy_ratio={cfg.energy_ratio} must be within [0, 1]")
-        if not 0 < cfg.n_coeffs <= m * n:
-            raise ValueError(f"n_coeffs={cfg.n_coeffs} must be in 1..{m * n} for layer {self.name} ({m}x{n})")
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        if config.selection not in ("global", "per_layer"):
+            raise ValueError(f"selection={config.selection!r}; use 'global' or 'per_layer'")
+        if not 0.0 <= config.energy_ratio <= 1.0:
+            raise ValueError(f"energy_ratio={config.energy_ratio} must be within [0, 1]")
+        super().check_config(config, shape, name)
 
     def energy_budget(self) -> int:
         """Energy-chosen positions in this layer's selection pool (all layers' in global mode)."""

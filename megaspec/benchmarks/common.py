@@ -70,9 +70,7 @@ def registered_methods() -> list[str]:
 
 def is_sparse_spectrum(method: str) -> bool:
     """Whether the method trains n spectral coefficients per layer (ssh, fourierft, s2ft, ...)."""
-    from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
-
-    return issubclass(ADAPTERS[method], SparseSpectrumAdapter)
+    return ADAPTERS[method].trains_coefficients
 
 
 def default_setting(method: str) -> Setting:

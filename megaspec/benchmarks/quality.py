@@ -145,7 +145,7 @@ def adapt(model: nn.Module, row: Row, seed: int, data: Data) -> nn.Module:
         from megaspec.train.data import batch_iterator
 
         config = AdapterConfig(method=row.method, target_modules=list(TARGETS), seed=seed, **row.fields)
-        if getattr(adapter_class(row.method), "needs_calibration", False):
+        if adapter_class(row.method).needs_calibration:
             batches = batch_iterator(data.train, BATCH, seed)
             apply_adapters(model, config, calibration=[next(batches) for _ in range(config.s2ft_estimate_steps)])
         else:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from megaspec.adapters import adapter_class
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import DEFAULT_TARGETS, AdapterConfig
 from megaspec.distributed.comm import (
@@ -57,8 +58,6 @@ from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress
 
 logger = logging.getLogger("megaspec")
 
-DEFAULT_LR = {"ssh": 2e-2, "fourierft": 2e-2, "s2ft": 2e-2, "lora": 1e-3}
-
 
 @dataclass
 class TrainConfig:
@@ -81,7 +80,7 @@ class TrainConfig:
     s2ft_estimate_group_mb: int = 1024  # s2ft: fp32 estimate buffers held at once per rank (layer groups, megaspec.calibrate)
     max_steps: int = 100
     seq_len: int = 128
-    lr: float | None = None  # None: the method's default (DEFAULT_LR)
+    lr: float | None = None  # None: the method's default (Adapter.default_lr)
     warmup_ratio: float = 0.06
     seed: int = 42
     output_dir: str | None = None  # None: runs/<time>-<method>
@@ -108,7 +107,7 @@ class TrainConfig:
         )
 
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-3)
+        return self.lr if self.lr is not None else adapter_class(self.method).default_lr
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:

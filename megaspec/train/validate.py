@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from megaspec.adapters import adapter_class
-from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.adapters import adapter_class, linear_shape
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
@@ -102,7 +101,7 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise ConfigError(f"--energy_ratio {cfg.energy_ratio} must be within [0, 1]")
     if cfg.seq_len < 2:
         raise ConfigError(f"--seq_len {cfg.seq_len} is too short; use at least 2 tokens")
-    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter) and cfg.n_coeffs < 1:
+    if adapter_class(cfg.method).trains_coefficients and cfg.n_coeffs < 1:
         raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be at least 1")
 
 
@@ -334,20 +333,24 @@ def check_adapters(cfg: TrainConfig, model_config: Any) -> None:
     """Apply the adapters to the model built on the meta device: targets exist, sizes fit every layer."""
     from transformers import AutoModelForCausalLM
 
-    from megaspec.model import adapters_of, apply_adapters
+    from megaspec.model import apply_adapters, find_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
+    method = adapter_class(cfg.method)
     try:
+        if method.trains_coefficients:  # named as a flag, for the smallest target (the adapter names the first)
+            shapes = {name: linear_shape(model.get_submodule(name)) for name in find_targets(model, cfg.target_modules)}
+            smallest = min(shapes, key=lambda name: method.coeff_capacity(shapes[name]))
+            (m, n), room = shapes[smallest], method.coeff_capacity(shapes[smallest])
+            if not 0 < cfg.n_coeffs <= room:
+                raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be in 1..{room}: the smallest target {smallest} "
+                                  f"is {m}x{n}; lower --n_coeffs or change --target_modules")
         apply_adapters(model, cfg.adapter_config())
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter):
-        smallest = min(adapters_of(model).values(), key=lambda a: a.shape[0] * a.shape[1])
-        m, n = smallest.shape
-        if not 0 < cfg.n_coeffs <= m * n:
-            raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be in 1..{m * n}: the smallest target {smallest.name} "
-                              f"is {m}x{n}; lower --n_coeffs or change --target_modules")
 
 
 # --- dataset -----------------------------------------------------------------------------------
