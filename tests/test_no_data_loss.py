@@ -157,13 +157,14 @@ def test_each_step_logs_the_lr_its_update_used_and_none_is_zero(halted_run, tmp_
 
 @pytest.mark.slow
 def test_garbage_latest_falls_back_to_the_step_folders_and_the_resumed_run_finishes(halted_run, tmp_path, capsys) -> None:
+    from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import resume_checkpoint
-    from megaspec.train.loop import TrainConfig
+    from megaspec.train.config import TrainConfig
     from megaspec.train.validate import check_output_dir
 
     out = copy_run(halted_run, tmp_path)
     (out / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00\x13garbage\x80")
-    check_output_dir(TrainConfig(resume=True, output_dir=str(out), n_coeffs=200))
+    check_output_dir(TrainConfig(resume=True, output_dir=str(out), adapter=AdapterConfig(n_coeffs=200)))
     assert resume_checkpoint(out) == out / "checkpoints" / "step-000004"
     proc = run_train([*RUN, "--resume", "--output_dir", str(out)], env=job_env())
     assert proc.returncode == 0, proc.stderr[-3000:]

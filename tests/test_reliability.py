@@ -116,15 +116,16 @@ def write_workspace(ws: Path) -> None:
 
 def write_saved_run(out: Path, world_size: int) -> None:
     """A run folder as the loop leaves it (ssh, default settings), without the heavy engine files."""
+    from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import config_hash
-    from megaspec.train.loop import TrainConfig, _resume_keys
+    from megaspec.train.config import TrainConfig, resume_keys, run_record
 
-    cfg = TrainConfig(method="ssh", n_coeffs=200, output_dir=str(out))
-    state = {"config_hash": config_hash(_resume_keys(cfg)), "step": 2, "world_size": world_size, "method": "ssh"}
+    cfg = TrainConfig(adapter=AdapterConfig(method="ssh", n_coeffs=200), output_dir=str(out))
+    state = {"config_hash": config_hash(resume_keys(cfg)), "step": 2, "world_size": world_size, "method": "ssh"}
     (out / "checkpoints" / "step-000002").mkdir(parents=True)
     (out / "checkpoints" / "step-000002" / "trainer_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step-000002")
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (out / "train_config.json").write_text(json.dumps(run_record(cfg, None)))
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]] | None:
@@ -234,7 +235,7 @@ def test_check_quantize_runs_each_mode_here_and_names_a_missing_library(monkeypa
 
 def test_valid_defaults_pass_validation_and_unknown_ds_keys_only_warn(tmp_path) -> None:
     """The README command validates cleanly; a key DeepSpeed does not know, and nothing like a known one, warns."""
-    from megaspec.train.loop import TrainConfig
+    from megaspec.train.config import TrainConfig
     from megaspec.train.validate import validate
 
     config = json.loads(ZERO3.read_text())

@@ -9,15 +9,12 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megaspec.adapters import adapter_class
 from megaspec.calibrate import calibrate_adapters, calibrating
-from megaspec.config import DEFAULT_TARGETS, AdapterConfig
 from megaspec.distributed.comm import (
     all_gather_object,
     barrier,
@@ -49,6 +46,7 @@ from megaspec.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
+from megaspec.train.config import TrainConfig, resume_keys, run_record
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
@@ -59,63 +57,12 @@ from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress
 logger = logging.getLogger("megaspec")
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the DeepSpeed config (micro-batch, precision, ZeRO stage)."""
-
-    ds_config: str = "ds_configs/zero3.json"
-    model: str | None = None  # None: the embedded tiny LLaMA (megaspec.train.embedded)
-    tokenizer: str | None = None  # None: the model's own, or the embedded tokenizer
-    dataset: str | None = None  # None: the embedded corpus
-    method: str = "ssh"
-    n_coeffs: int = 750
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    energy_ratio: float = 0.5
-    selection: str = "global"
-    rank: int = 8
-    alpha: float = 16.0
-    scale: float | None = None
-    init: str = "zeros"
-    s2ft_estimate_steps: int = 4  # s2ft: optimizer steps' worth of batches in the gradient estimate
-    s2ft_estimate_group_mb: int = 1024  # s2ft: fp32 estimate buffers held at once per rank (layer groups, megaspec.calibrate)
-    max_steps: int = 100
-    seq_len: int = 128
-    lr: float | None = None  # None: the method's default (Adapter.default_lr)
-    warmup_ratio: float = 0.06
-    seed: int = 42
-    output_dir: str | None = None  # None: runs/<time>-<method>
-    resume: bool = False
-    overwrite: bool = False
-    eval_every: int = 50
-    eval_batches: int = 20
-    save_every: int = 50
-    log_every: int = 1
-    image_every: int = 50
-    keep_checkpoints: int = 2
-    max_skipped_steps: int = 10  # consecutive steps with a non-finite loss that are skipped; one more stops the run
-    halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
-    quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
-    gradient_checkpointing: str = "auto"  # on | off | auto: on above ~1B parameters (megaspec.train.activations)
-    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None: transformers' default
-
-    def adapter_config(self) -> AdapterConfig:
-        """The AdapterConfig this run applies."""
-        return AdapterConfig(
-            method=self.method, target_modules=list(self.target_modules), n_coeffs=self.n_coeffs,
-            energy_ratio=self.energy_ratio, selection=self.selection, scale=self.scale, init=self.init,
-            rank=self.rank, alpha=self.alpha, seed=self.seed, s2ft_estimate_steps=self.s2ft_estimate_steps,
-        )
-
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else adapter_class(self.method).default_lr
-
-
 def resolve_output_dir(cfg: TrainConfig) -> Path:
     """The run folder, named by rank 0's clock when not given so every rank agrees."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     stamp = all_gather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
-    return Path("runs") / f"{stamp}-{cfg.method}"
+    return Path("runs") / f"{stamp}-{cfg.adapter.method}"
 
 
 def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none", quant_load: str | None = None) -> torch.nn.Module:
@@ -288,13 +235,13 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
         what = f"restored from {ckpt / 'adapter'}"
     else:
         stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
-        batches = [_to_device(next(stream), device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
+        batches = [_to_device(next(stream), device()) for _ in range(cfg.adapter.s2ft_estimate_steps * accum)]
         info = calibrate_adapters(engine, batches, group_bytes=cfg.s2ft_estimate_group_mb * 2**20)
         calibration = info["calibration"]
         what = f"calibrated on {calibration['batches']} micro-batches per rank in {calibration['groups']} layer group(s)"
     info["digest"] = positions_digest(engine.module)
     if rank() == 0:
-        print(f"{cfg.method} plan {what} (digest {info['digest'][:12]})", flush=True)
+        print(f"{cfg.adapter.method} plan {what} (digest {info['digest'][:12]})", flush=True)
     return info
 
 
@@ -329,7 +276,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     activations = configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation)
     if rank() == 0:
         print(activations, flush=True)
-    summary = apply_adapters(model, cfg.adapter_config(), defer_calibration=True)  # S2FT: calibrated below
+    summary = apply_adapters(model, cfg.adapter, defer_calibration=True)  # S2FT: calibrated below
     if rank() == 0:
         print(summary, flush=True)
 
@@ -342,7 +289,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     micro = engine.train_micro_batch_size_per_gpu()
     accum = engine.gradient_accumulation_steps()
     _create_output_dir(out, cfg)
-    expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": model_path}
+    expected = {"config_hash": config_hash(resume_keys(cfg)), "base_model": model_path}
     if calibrating(adapters_of(model)):
         summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, micro, accum))
 
@@ -506,12 +453,6 @@ def _hidden_size(model: str) -> int:
     return int(getattr(AutoConfig.from_pretrained(model), "hidden_size", 4096))
 
 
-def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match for --resume to continue a run (not max_steps, not logging cadence)."""
-    keep = ("model", "dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "rank", "alpha", "scale", "init", "seq_len", "seed", "quantize")
-    return {k: getattr(cfg, k) for k in keep}
-
-
 # What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
 RUN_FILES = frozenset({
     "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
@@ -596,6 +537,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         # adapter/ and final_metrics.json would say otherwise (issue 15); the checkpoints hold that state.
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
-    (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "base_folder": base or None}, indent=1))
+    (out / "train_config.json").write_text(json.dumps(run_record(cfg, base or None), indent=1))
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))
