@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from megaspec.distributed.group import leave_process_group
     from megaspec.train.config import TrainConfig
     from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed
-    from megaspec.train.loop import TrainingDiverged, train
+    from megaspec.train.guard import TrainingDiverged
+    from megaspec.train.loop import train
     from megaspec.train.validate import validate
 
     joined_before = torch_dist.is_initialized()  # a caller's group (main(argv) in-process) is the caller's to destroy

@@ -294,7 +294,7 @@ def test_real_divergence_ends_with_exit_3_and_one_line_and_keeps_checkpoints(tmp
 def test_non_finite_parameters_are_found_on_any_rank_partition() -> None:
     import torch
 
-    from megaspec.train.loop import coefficients_finite
+    from megaspec.train.guard import coefficients_finite
 
     good = torch.nn.Parameter(torch.ones(4))
     assert coefficients_finite([good])
@@ -355,7 +355,7 @@ def test_heartbeat_reports_a_long_phase_once_per_period_and_restarts_with_a_new_
 
 
 def test_void_updates_count_toward_divergence_like_skipped_steps() -> None:
-    from megaspec.train.loop import NonFiniteGuard
+    from megaspec.train.guard import NonFiniteGuard
 
     guard = NonFiniteGuard(limit=2)
     guard.end_step(skipped=False, grad_norm=3.5)

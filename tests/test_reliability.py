@@ -458,7 +458,7 @@ def nan_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """2 ranks; rank 0 alone sees NaN at step 4 (skipped), then at 7, 8, 9 (one more than allowed: stop)."""
     out = tmp_path_factory.mktemp("nan") / "run"
     args = [*RUN, "--save_every", "5", "--log_every", "1", "--max_skipped_steps", "2", "--output_dir", str(out)]
-    proc = run_train(args, ranks=2, env=job_env(MEGASPEC_TEST_NAN_STEPS="4,7,8,9"))
+    proc = run_train(["4,7,8,9", *args], ranks=2, env=job_env(), script=REPO / "tests" / "nan_train.py")
     return out, proc
 
 
