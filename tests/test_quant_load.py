@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megaspec import apply_adapters
 from megaspec.quant_load import CheckpointError, checkpoint_files, load_mode, streams
 
+from .conftest import save_llama
 from .distributed import REPO, run_ranks
 from .launcher import run_train
 from .test_quant import SSH, WIDE, decoder_linears
@@ -25,23 +26,16 @@ CHUNK = 1 << 15  # weights per read in the workers: every linear is read in 2 to
 STEPS = 5
 
 
-def save_sharded(path: Path, config: dict, dtype: torch.dtype = torch.float32) -> Path:
-    """A seeded random LLaMA saved as several safetensors shards (with an index)."""
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**config)).to(dtype).save_pretrained(path, max_shard_size="600KB")
-    return path
-
-
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory) -> Path:
-    path = save_sharded(tmp_path_factory.mktemp("wide") / "model", WIDE)
+    path = save_llama(tmp_path_factory.mktemp("wide") / "model", LlamaConfig(**WIDE), max_shard_size="600KB")
     assert len(list(path.glob("*.safetensors"))) > 3 and (path / "model.safetensors.index.json").is_file()
     return path
 
 
 @pytest.fixture(scope="module")
 def odd_dir(tmp_path_factory) -> Path:
-    return save_sharded(tmp_path_factory.mktemp("odd") / "model", ODD, torch.bfloat16)
+    return save_llama(tmp_path_factory.mktemp("odd") / "model", LlamaConfig(**ODD), torch.bfloat16, max_shard_size="600KB")
 
 
 def ds_config(bf16: bool = False, name: str = "zero3.json") -> dict:
