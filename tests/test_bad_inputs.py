@@ -186,12 +186,12 @@ def train_ws(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", TRAIN, ids=[c.id for c in TRAIN])
 def test_train_refuses_bad_input_in_one_line(case: Case, train_ws: Path, capsys) -> None:
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
-    joined = dist.is_initialized()
+    joined = torch_dist.is_initialized()
     code, out, err = run_case(case, train_ws, capsys)
     assert_one_line(case, code, out, err)
-    assert dist.is_initialized() == joined, "validation must fail before torch.distributed starts"
+    assert torch_dist.is_initialized() == joined, "validation must fail before torch.distributed starts"
     assert not (train_ws / "runs").exists(), "nothing may be written"
 
 

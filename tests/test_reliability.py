@@ -214,9 +214,9 @@ def test_bad_input_fails_fast_with_one_line_and_leaves_output_dir_alone(case: Ca
 
 def torch_distributed_initialized() -> bool:
     """Whether this process has joined a torch.distributed world."""
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def test_check_quantize_runs_each_mode_here_and_names_a_missing_library(monkeypatch) -> None:
