@@ -7,7 +7,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py crossover
     python launch/bench.py params
     python launch/bench.py memory [--validate]
-    python launch/bench.py checkpointing [--models small,8b-2layers] [--seq-len 512] [--s2ft]
+    python launch/bench.py checkpointing [--models small,8b-2layers] [--seq_len 512] [--s2ft]
     python launch/bench.py selection
     python launch/bench.py quality
     python launch/bench.py quality --real --methods ssh,lora --seeds 0 --lrs 0.03 --steps 200   # SmolLM2 on BoolQ
@@ -38,11 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2), not the usage text."""
+    """argparse that reports bad input as one line on stderr (exit 2), not the usage text.
+
+    Flags are --snake_case like every megaspec tool; the --kebab-case spelling of earlier releases
+    is still accepted (not shown in --help), so old benchmark commands keep working.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([snake_case_flag(a) for a in args], namespace)
 
     def error(self, message: str) -> NoReturn:
         print(f"bench: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def snake_case_flag(arg: str) -> str:
+    """`--world-sizes=1,2` -> `--world_sizes=1,2`; any other argument unchanged."""
+    if not arg.startswith("--"):
+        return arg
+    flag, eq, value = arg.partition("=")
+    return "--" + flag[2:].replace("-", "_") + eq + value
 
 
 def count(low: int) -> Callable[[str], int]:
@@ -329,7 +345,7 @@ def merge_base(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.distributed.comm import prefer_cpu_accelerator
 
     prefer_cpu_accelerator()
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--methods", type=with_peft, default=None, help=methods_help)
-    p.add_argument("--real-svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
+    p.add_argument("--real_svd", action="store_true", help="plan SVD-based methods with the real SVD (slow on CPU)")
     p.add_argument("--settle", type=count(0), default=1, help="untimed steps of a variant right before each timed one")
     p.add_argument("--modes", default="full,branch", type=_modes,
                    help="full (frozen matmul + adapter), branch (the adapter alone: frozen matmul swapped for zeros), or both")
@@ -373,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("memory", parents=[common], help="per-rank bytes: frozen base, activations, adapter state")
     p.add_argument("--models", default=models, type=model_list)
     p.add_argument("--precisions", default="bf16,nf4,nf4-dq,int8", type=one_of(precisions, "precision"))
-    p.add_argument("--world-sizes", default="1,2,8,16,64", type=counts(1))
-    p.add_argument("--micro-batch", type=count(1), default=1)
-    p.add_argument("--seq-len", type=count(1), default=4096)
+    p.add_argument("--world_sizes", default="1,2,8,16,64", type=counts(1))
+    p.add_argument("--micro_batch", type=count(1), default=1)
+    p.add_argument("--seq_len", type=count(1), default=4096)
     p.add_argument("--methods", type=methods, default=None, help=methods_help)
-    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="activations with or without checkpointing; auto: the trainer's rule (on above 1B parameters)")
     p.add_argument("--validate", action="store_true", help="formula vs measured bytes on tiny real models")
     p.set_defaults(func=memory)
@@ -386,27 +402,27 @@ def main(argv: list[str] | None = None) -> int:
                        help="peak memory and step time with and without gradient checkpointing (CPU); --s2ft: S2FT estimate peak")
     p.add_argument("--models", default="small,8b-2layers", help="comma-separated: small (12 layers, h 768), 8b-2layers, tiny; '' for none (--s2ft alone)")
     p.add_argument("--batch", type=count(1), default=1)
-    p.add_argument("--seq-len", type=count(1), default=512)
+    p.add_argument("--seq_len", type=count(1), default=512)
     p.add_argument("--steps", type=count(1), default=3, help="timed forward+backward steps per setting")
     p.add_argument("--warmup", type=count(0), default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--s2ft", action="store_true", help="also the peak of S2FT's gradient estimate by layer-group budget")
-    p.add_argument("--s2ft-model", default="8b-2layers", help="model of the measured S2FT estimate")
-    p.add_argument("--s2ft-budgets-mb", default="1024,80,16", type=counts(1), help="comma-separated layer-group budgets in MiB")
-    p.add_argument("--s2ft-seq-len", type=count(1), default=256)
+    p.add_argument("--s2ft_model", default="8b-2layers", help="model of the measured S2FT estimate")
+    p.add_argument("--s2ft_budgets_mb", default="1024,80,16", type=counts(1), help="comma-separated layer-group budgets in MiB")
+    p.add_argument("--s2ft_seq_len", type=count(1), default=256)
     p.set_defaults(func=checkpointing)
 
     p = sub.add_parser("selection", parents=[common], help="time and peak memory of SSH planning, per layer and extrapolated")
     p.add_argument("--model", default="llama-3-70b", choices=sorted(LLAMA_CONFIGS))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the gathered weight")
-    p.add_argument("--n-coeffs", type=count(1), default=750)
-    p.add_argument("--energy-ratio", type=fraction, default=0.5)
-    p.add_argument("--world-sizes", default="1,8,16,64", type=counts(1))
+    p.add_argument("--n_coeffs", type=count(1), default=750)
+    p.add_argument("--energy_ratio", type=fraction, default=0.5)
+    p.add_argument("--world_sizes", default="1,8,16,64", type=counts(1))
     p.add_argument("--threads", type=count(1), default=2)
     p.add_argument("--ranks", default="1,2", type=counts(1), help="CPU rank counts of the measured ZeRO-3 run")
-    p.add_argument("--rank-layers", type=count(1), default=4)
-    p.add_argument("--rank-width", type=count(1), default=2048)
-    p.add_argument("--no-combine", action="store_true", help="skip the combine-step measurement")
+    p.add_argument("--rank_layers", type=count(1), default=4)
+    p.add_argument("--rank_width", type=count(1), default=2048)
+    p.add_argument("--no_combine", action="store_true", help="skip the combine-step measurement")
     p.set_defaults(func=selection)
 
     p = sub.add_parser("quality", parents=[common], help="fine-tune the tiny pretrained LLaMA with every method at matched budgets")
@@ -422,11 +438,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="--real: a .gguf file or HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default="data/boolq.jsonl", help="--real: prompt/response training file")
     p.add_argument("--test", default=None, help="--real: held-out jsonl with answers (default: DATASET's .test.jsonl)")
-    p.add_argument("--n-coeffs", type=count(1), default=1000, help="--real: coefficients per layer, sparse-spectrum methods")
+    p.add_argument("--n_coeffs", type=count(1), default=1000, help="--real: coefficients per layer, sparse-spectrum methods")
     p.add_argument("--rank", type=count(1), default=8, help="--real: rank of low-rank methods and peft LoRA")
     p.add_argument("--batch", type=count(1), default=8, help="--real: blocks per step")
-    p.add_argument("--seq-len", type=count(2), default=256, help="--real: tokens per block")
-    p.add_argument("--eval-limit", type=count(1), default=500, help="--real: test records scored")
+    p.add_argument("--seq_len", type=count(2), default=256, help="--real: tokens per block")
+    p.add_argument("--eval_limit", type=count(1), default=500, help="--real: test records scored")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="--real")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--real: the base's dtype")
     p.set_defaults(func=quality, inputs=quality_inputs)
@@ -434,19 +450,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and MFU of a LLaMA-3.1-8B-shaped model on one GPU")
     p.add_argument("--layers", type=count(2), default=None, help="decoder layers to build (default all 32)")
     p.add_argument("--batch", type=count(1), default=1)
-    p.add_argument("--seq-len", type=count(1), default=4096)
+    p.add_argument("--seq_len", type=count(1), default=4096)
     p.add_argument("--steps", type=count(1), default=10)
     p.add_argument("--warmup", type=count(0), default=3)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--methods", type=methods, default=None, help="registered methods at their paper settings (default ssh, lora r=16)")
-    p.add_argument("--peak-tflops", type=positive, default=None, help="peak dense TFLOP/s of the GPU (default: by name)")
+    p.add_argument("--peak_tflops", type=positive, default=None, help="peak dense TFLOP/s of the GPU (default: by name)")
     p.add_argument("--engine", default="deepspeed", choices=["deepspeed", "plain"],
                    help="deepspeed: the trainer's ZeRO-3 engine on one rank (default); plain: PyTorch and AdamW alone")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"), help="DeepSpeed config of --engine deepspeed")
     p.set_defaults(func=throughput, inputs=throughput_inputs)
 
     p = sub.add_parser("load", parents=[common], help="per-rank peak memory and time of loading the base under ZeRO-3, whole vs quantize on load")
-    p.add_argument("--world-sizes", default="1,2", type=counts(1), help="CPU rank counts")
+    p.add_argument("--world_sizes", default="1,2", type=counts(1), help="CPU rank counts")
     p.add_argument("--precisions", default="bf16,nf4,int8", type=one_of(lambda: ["bf16", "nf4", "int8"], "precision"))
     p.add_argument("--paths", default="whole,stream", type=one_of(lambda: ["whole", "stream"], "path"),
                    help="whole (from_pretrained on every rank), stream (quantize on load)")
@@ -461,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ds_config", default="ds_configs/zero3.json", help="DeepSpeed config of every job")
     p.add_argument("--ranks", type=count(1), default=2, help="CPU ranks")
     p.add_argument("--steps", type=count(1), default=3)
-    p.add_argument("--seq-len", type=count(8), default=256)
+    p.add_argument("--seq_len", type=count(8), default=256)
     p.set_defaults(func=host_memory, inputs=real_inputs)
 
     p = sub.add_parser("merge_base", parents=[common],
@@ -470,10 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="data/boolq.jsonl", help="training file (python -m megaspec.assets boolq); its test file is held out")
     p.add_argument("--quantize", default="nf4", choices=["nf4", "fp4", "int8"])
     p.add_argument("--steps", type=count(1), default=12)
-    p.add_argument("--seq-len", type=count(8), default=256)
-    p.add_argument("--n-coeffs", type=count(1), default=750)
+    p.add_argument("--seq_len", type=count(8), default=256)
+    p.add_argument("--n_coeffs", type=count(1), default=750)
     p.add_argument("--lr", type=positive, default=None, help="peak learning rate (default: SSH's own)")
-    p.add_argument("--eval-blocks", type=count(1), default=32, help="held-out blocks of --seq-len tokens")
+    p.add_argument("--eval_blocks", type=count(1), default=32, help="held-out blocks of --seq_len tokens")
     p.set_defaults(func=merge_base, inputs=real_inputs)
 
     args = parser.parse_args(argv)

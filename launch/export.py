@@ -59,27 +59,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.distributed.comm import prefer_cpu_accelerator
 
     prefer_cpu_accelerator()
     args = parse_args(argv)
-    from megaspec.export import ExportError, export, init_ranks
+    from megaspec.distributed.group import init_ranks, leave_process_group
+    from megaspec.export import ExportError, export
 
     init_ranks()
     try:
         export(
-            args.run, args.out, args.format, rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
+            args.run, args.out, args.format, lora_rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
             overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3), merge_base=args.merge_base,
         )
     except (ExportError, OSError) as e:  # OSError: --out or the base became unreadable or unwritable mid-way
         if os.environ.get("RANK", "0") == "0":
             print(f"export: error: {one_line(e)}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()  # nobody tears down a connection that a peer's last collective still uses
-        dist.destroy_process_group()
+    leave_process_group(wait=True)
     return 0
 
 

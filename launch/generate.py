@@ -55,12 +55,12 @@ def sampling_problem(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megaspec.dist.comm import prefer_cpu_accelerator
+    from megaspec.distributed.comm import prefer_cpu_accelerator
 
     prefer_cpu_accelerator()
     args = parse_args(argv)
     from megaspec.export import ExportError
-    from megaspec.export.inference import complete, load_for_inference
+    from megaspec.export.generate import complete, load_for_inference
 
     try:
         model, tokenizer = load_for_inference(args.run, args.merged, args.adapter)

@@ -1,6 +1,6 @@
 """Plan adapters from data: the coarse update estimate of S2FT, on a plain model or under ZeRO-3.
 
-Why two phases. The estimate dWhat = -sum_batches dL/dW0 (METHODS.md 4 step 1) needs forward and
+Why two phases. The estimate dWhat = -sum_batches dL/dW0 (docs/methods.md §4 step 1) needs forward and
 backward passes. Under ZeRO-3 the frozen base is partitioned and only the DeepSpeed engine's
 module hooks gather it, so the passes can only run once the engine exists; but the engine's
 optimizer must be built over the final trainable parameters. So `apply_adapters` gives
@@ -31,7 +31,7 @@ group. Each layer's sum is the same sequence of the same fp32 operations whateve
 
 Then, one layer at a time in layer order within the group, the buffers are summed onto the
 layer's planning rank (torch.distributed.reduce, not all_reduce: the same traffic, and the other
-ranks can drop their copy at once; layers spread by megaspec.dist.assign_layers, by size), the
+ranks can drop their copy at once; layers spread by megaspec.distributed.assign_layers, by size), the
 others drop theirs, the owner computes `plan_from_estimate`; after the last group the small
 plans are all-gathered, applied
 with `set_plan` on every rank, and a digest of every adapter's plan is compared across ranks.
@@ -49,12 +49,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megaspec.adapters import Adapter
-from megaspec.dist import assign_layers, plan_digest
-from megaspec.dist.comm import all_gather_object, rank, to_cpu, world_size
+from megaspec.distributed import assign_layers, plan_digest
+from megaspec.distributed.comm import all_gather_object, rank, reduce_to, to_cpu, world_size
 
 Batch = dict[str, torch.Tensor]
 DEFAULT_GROUP_BYTES = 2**30  # fp32 estimate buffers held at once per rank: 1 GiB, 3 passes for 8B q,v
@@ -62,7 +61,7 @@ DEFAULT_GROUP_BYTES = 2**30  # fp32 estimate buffers held at once per rank: 1 Gi
 
 def calibrating(adapters: dict[str, Adapter]) -> dict[str, Adapter]:
     """The adapters whose plan comes from data (their class sets needs_calibration)."""
-    return {name: a for name, a in adapters.items() if getattr(a, "needs_calibration", False)}
+    return {name: a for name, a in adapters.items() if a.needs_calibration}
 
 
 def _adapters(module: nn.Module) -> dict[str, Adapter]:
@@ -131,12 +130,6 @@ def estimate_updates(module: nn.Module, adapters: dict[str, Adapter], batches: I
     return sums, count
 
 
-def _reduce_to(tensor: torch.Tensor, owner: int) -> None:
-    """Sum `tensor` over ranks into the owner's copy (others keep an undefined value)."""
-    if world_size() > 1:
-        dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
-
-
 def estimate_groups(shapes: dict[str, tuple[int, int]], group_bytes: int) -> list[list[str]]:
     """Consecutive layers (model order: name -> (M, N)) whose fp32 M x N buffers fit `group_bytes` together (at least one each)."""
     if group_bytes < 1:
@@ -184,7 +177,7 @@ def calibrate_adapters(engine_or_model: Any, batches: Iterable[Batch], group_byt
                 raise RuntimeError(f"ranks ran different numbers of calibration batches: {counts}")
         for name in group:  # the same order on every rank: the reduces pair up
             estimate = sums.pop(name)
-            _reduce_to(estimate, owners[name])
+            reduce_to(estimate, owners[name])
             if owners[name] == rank():
                 local[name] = to_cpu(adapters[name].plan_from_estimate(estimate))
             del estimate

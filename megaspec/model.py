@@ -16,7 +16,7 @@ from torch import nn
 from megaspec.adapters import Adapter, adapter_class, dense_weight, is_quantized
 from megaspec.calibrate import calibrate_adapters, calibrating
 from megaspec.config import AdapterConfig
-from megaspec.dist import gather_params, plan_adapters
+from megaspec.distributed import gather_params, plan_adapters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -94,7 +94,7 @@ def apply_adapters(
     """
     names = find_targets(model, config.target_modules)
     on_meta = model.get_submodule(names[0]).weight.device.type == "meta"
-    data_planned = getattr(adapter_class(config.method), "needs_calibration", False)
+    data_planned = adapter_class(config.method).needs_calibration
     if data_planned and calibration is None and not defer_calibration and not on_meta:
         raise ValueError(
             f"method {config.method!r} plans from data: pass calibration=batches (inputs with labels), or "

@@ -248,19 +248,19 @@ def _rank_main(job: Path) -> None:
     fn = module
     for part in spec["name"].split("."):
         fn = getattr(fn, part)
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
     if spec["init"] == "deepspeed":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     elif spec["init"] == "torch":
-        dist.init_process_group("gloo")
+        torch_dist.init_process_group("gloo")
     value = fn(*spec["args"], **spec["kwargs"])
     (job / f"value{os.environ['RANK']}.pkl").write_bytes(pickle.dumps(value))
-    if dist.is_initialized():
-        dist.barrier()  # nobody tears down a connection that a peer's last collective still uses
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.barrier()  # nobody tears down a connection that a peer's last collective still uses
+        torch_dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip the interpreter's teardown of torch/transformers/deepspeed: seconds per rank on a busy

@@ -19,18 +19,21 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def train_command(args: list[str], ranks: int) -> list[str]:
-    """The command line: plain python for 1 rank, the deepspeed launcher for more."""
-    script = str(REPO / "launch" / "train.py")
+def train_command(args: list[str], ranks: int, script: Path | None = None) -> list[str]:
+    """The command line: plain python for 1 rank, the deepspeed launcher for more (`script`: default launch/train.py)."""
+    script = str(script or REPO / "launch" / "train.py")
     if ranks == 1:
         return [sys.executable, script, *args]
     launcher = str(Path(sys.executable).with_name("deepspeed"))
     return [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
-def run_train(args: list[str], ranks: int = 1, cwd: Path | None = None, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], ranks: int = 1, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+    script: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run a training job to completion; the result carries stdout/stderr for assertion messages."""
-    command = train_command(args, ranks)
+    command = train_command(args, ranks, script)
     try:
         return subprocess.run(command, cwd=cwd or REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     finally:

@@ -22,7 +22,7 @@ from megaspec.train.activations import (
 )
 from megaspec.train.dsconfig import ConfigError
 
-from .conftest import tiny_config
+from .conftest import tiny_config, zero3_config, zero3_tiny_llama
 from .distributed import REPO, run_ranks
 from .launcher import check, cpu_env, losses, run_train
 
@@ -105,22 +105,9 @@ def _zero3_grads(setting: str) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     rank = torch.distributed.get_rank()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-    }
+    ds_config = zero3_config(1e-2, micro_batch=1)
     torch.manual_seed(0)
-    reference = LlamaForCausalLM(tiny_config()).state_dict()
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = LlamaForCausalLM(tiny_config())
-    for prefix, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if rank == 0:
-                for key, p in params.items():
-                    p.data.copy_(reference[f"{prefix}.{key}" if prefix else key])
+    model = zero3_tiny_llama(ds_config, LlamaForCausalLM(tiny_config()).state_dict())
     model.config.use_cache = False
     configure_activations(model, setting, None)
     apply_adapters(model, SETTINGS[0])
@@ -205,7 +192,7 @@ def test_bad_flags_exit_2_in_one_line_before_loading(args, expect, tmp_path, cap
     code = script.main(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), *args, "--max_steps", "1", "--output_dir", str(out)])
     captured = capsys.readouterr()
     assert code == 2
-    errors = [line for line in captured.err.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in captured.err.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and expect in errors[0], captured.err
     assert not out.exists() and "trainable of" not in captured.out
 

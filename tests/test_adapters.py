@@ -21,45 +21,17 @@ from megaspec.adapters import dense_weight
 from megaspec.model import adapters_of
 from megaspec.spectral import dht2, dht2_energy
 
-from .conftest import tiny_config
+from .conftest import CASES, METHOD_CASES, TARGETS, batch, tiny_config, train
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
-CONFIGS = {
-    "ssh": AdapterConfig(method="ssh", n_coeffs=120, target_modules=TARGETS),
-    "ssh_per_layer": AdapterConfig(method="ssh", n_coeffs=120, target_modules=TARGETS, selection="per_layer"),
-    "ssh_separable": AdapterConfig(method="ssh", n_coeffs=120, target_modules=TARGETS, separable=True, energy_ratio=0.2),
-    "fourierft": AdapterConfig(method="fourierft", n_coeffs=120, target_modules=TARGETS),
-    "lora": AdapterConfig(method="lora", rank=4, target_modules=TARGETS),
-}
+LIFECYCLE = [pytest.param(case, path, id=f"{case.id}-{path}") for case in METHOD_CASES for path in case.paths]
 
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 128, (4, 24), generator=g)
-
-
-def train(model, ids, steps=8, lr=2e-2):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-@pytest.mark.parametrize("path", ["auto", "fast"])
-@pytest.mark.parametrize("key", sorted(CONFIGS))
-def test_adapter_lifecycle(key, path, tiny_model, tmp_path, monkeypatch):
-    """Plan, train, save, load, merge. "auto" builds the tiny layers' dW (megaspec.spectral.sparse
-    DENSE_CROSSOVER); "fast" forces the FFT path that every real-size layer takes."""
+@pytest.mark.parametrize("case, path", LIFECYCLE)
+def test_adapter_lifecycle(case, path, tiny_model, tmp_path, monkeypatch):
+    """Every method case (tests/conftest.py METHOD_CASES): plan, train, save, load, merge. "auto" builds the tiny
+    layers' dW (megaspec.spectral.sparse DENSE_CROSSOVER); "fast" forces the FFT path that every real-size layer takes."""
     if path == "fast":
         monkeypatch.setattr("megaspec.spectral.sparse.DENSE_CROSSOVER", 0)
-    config = CONFIGS[key]
+    config = case.config
     ids = batch()
     with torch.no_grad():
         before = tiny_model(ids).logits
@@ -70,8 +42,8 @@ def test_adapter_lifecycle(key, path, tiny_model, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(tiny_model(ids).logits, before), "delta must be zero at step 0"
 
-    losses = train(tiny_model, ids)
-    assert losses[-1] < losses[0] - 0.05
+    losses = train(tiny_model, ids, lr=case.lr)
+    assert losses[-1] < losses[0] - case.gain, losses
     for name, p in tiny_model.named_parameters():  # frozen weights untouched
         if not p.requires_grad:
             assert torch.equal(p, frozen[name.replace(".base.", ".")])
@@ -97,7 +69,7 @@ def test_spectrum_index_is_built_once_per_plan_and_follows_plan_changes(tiny_mod
     builds = []
     build = sparse_spectrum.spectrum_index
     monkeypatch.setattr(sparse_spectrum, "spectrum_index", lambda *a, **k: builds.append(a[2]) or build(*a, **k))
-    apply_adapters(tiny_model, CONFIGS["ssh"])
+    apply_adapters(tiny_model, CASES["ssh"].config)
     train(tiny_model, batch(), steps=3)
     assert len(builds) == len(adapters_of(tiny_model)) == 8
 
@@ -135,7 +107,7 @@ def test_a_spectrum_index_for_another_layer_is_refused():
 @pytest.mark.parametrize("key", ["ssh", "ssh_per_layer"])
 def test_learned_update_lives_on_planned_positions(key, tiny_model):
     """DHT2(dW) = scale * S: non-zero exactly at the planned positions, nowhere else."""
-    apply_adapters(tiny_model, CONFIGS[key])
+    apply_adapters(tiny_model, CASES[key].config)
     train(tiny_model, batch(), steps=3)
     for adapter in adapters_of(tiny_model).values():
         spectrum = dht2(adapter.delta_weight().double())  # fp32 update: noise ~1e-7 of the peak
@@ -150,7 +122,7 @@ def test_learned_update_lives_on_planned_positions(key, tiny_model):
 def test_ssh_global_selection_oracle(tiny_model):
     """Energy picks are the floor per layer plus the global top scores of the ortho energy (brute force)."""
     weights = {n: m.weight.detach().clone() for n, m in tiny_model.named_modules() if n.endswith(tuple(TARGETS))}
-    config = CONFIGS["ssh"]
+    config = CASES["ssh"].config
     summary = apply_adapters(tiny_model, config)
     adapters = adapters_of(tiny_model)
     total = config.n_coeffs * len(adapters)
@@ -181,7 +153,7 @@ def test_ssh_global_selection_oracle(tiny_model):
 
 
 def test_ssh_per_layer_counts_and_determinism(tiny_model):
-    config = CONFIGS["ssh_per_layer"]
+    config = CASES["ssh_per_layer"].config
     apply_adapters(tiny_model, config)
     first = {n: (a.rows.clone(), a.cols.clone()) for n, a in adapters_of(tiny_model).items()}
     for adapter in adapters_of(tiny_model).values():
@@ -213,7 +185,7 @@ def test_fourierft_positions_follow_peft(tiny_model):
 
 
 def test_bf16_forward(tiny_model):
-    apply_adapters(tiny_model, CONFIGS["ssh"])
+    apply_adapters(tiny_model, CASES["ssh"].config)
     for a in adapters_of(tiny_model).values():
         a.coeffs.data.normal_()
     model = tiny_model.to(torch.bfloat16)

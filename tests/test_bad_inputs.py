@@ -23,7 +23,7 @@ import torch
 
 from tests.distributed import REPO
 
-PREFIX = {"train": "megaspec: error: ", "export": "export: error: ", "generate": "generate: error: ", "bench": "bench: error: "}
+PREFIX = {"train": "train: error: ", "export": "export: error: ", "generate": "generate: error: ", "bench": "bench: error: "}
 
 
 def script(name: str) -> ModuleType:
@@ -186,12 +186,12 @@ def train_ws(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", TRAIN, ids=[c.id for c in TRAIN])
 def test_train_refuses_bad_input_in_one_line(case: Case, train_ws: Path, capsys) -> None:
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
-    joined = dist.is_initialized()
+    joined = torch_dist.is_initialized()
     code, out, err = run_case(case, train_ws, capsys)
     assert_one_line(case, code, out, err)
-    assert dist.is_initialized() == joined, "validation must fail before torch.distributed starts"
+    assert torch_dist.is_initialized() == joined, "validation must fail before torch.distributed starts"
     assert not (train_ws / "runs").exists(), "nothing may be written"
 
 
@@ -349,10 +349,11 @@ BENCH = [
     Case("params_methods_typo", "bench", bench("params", "--methods", "shh"), "unknown method 'shh'; choose from ssh, fourierft"),
     Case("params_models_typo", "bench", bench("params", "--models", "llama-9b"), "unknown model 'llama-9b'; choose from llama-3.1-8b, llama-3-70b"),
     Case("memory_models_typo", "bench", bench("memory", "--models", "llama-9b"), "unknown model 'llama-9b'"),
-    Case("memory_world_size_zero", "bench", bench("memory", "--world-sizes", "0"), "argument --world-sizes: 0 must be at least 1"),
+    Case("memory_world_size_zero", "bench", bench("memory", "--world_sizes", "0"), "argument --world_sizes: 0 must be at least 1"),
     Case("memory_precision_typo", "bench", bench("memory", "--precisions", "fp8"), "unknown precision 'fp8'; choose from bf16"),
-    Case("memory_seq_len_zero", "bench", bench("memory", "--seq-len", "0"), "argument --seq-len: 0 must be at least 1"),
-    Case("selection_energy_ratio", "bench", bench("selection", "--energy-ratio", "nan"), "argument --energy-ratio: nan must be in [0, 1]"),
+    Case("memory_seq_len_zero", "bench", bench("memory", "--seq_len", "0"), "argument --seq_len: 0 must be at least 1"),
+    Case("memory_seq_len_kebab_alias", "bench", bench("memory", "--seq-len", "0"), "argument --seq_len: 0 must be at least 1"),
+    Case("selection_energy_ratio", "bench", bench("selection", "--energy_ratio", "nan"), "argument --energy_ratio: nan must be in [0, 1]"),
     Case("selection_ranks_zero", "bench", bench("selection", "--ranks", "0"), "argument --ranks: 0 must be at least 1"),
     Case("quality_lrs_negative", "bench", bench("quality", "--lrs", "1e-2,-1"), "argument --lrs: -1 must be a finite number above 0"),
     Case("quality_jobs_zero", "bench", bench("quality", "--jobs", "0"), "argument --jobs: 0 must be at least 1"),
@@ -361,7 +362,7 @@ BENCH = [
     Case("quality_real_not_a_model", "bench", lambda ws: ["quality", "--real", "--dataset", __file__, "--test", __file__,
                                                            "--model", str(ws)], "is neither a .gguf file nor an HF model folder"),
     Case("throughput_layers_one", "bench", bench("throughput", "--layers", "1"), "argument --layers: 1 must be at least 2"),
-    Case("throughput_peak_zero", "bench", bench("throughput", "--peak-tflops", "0"), "argument --peak-tflops: 0 must be a finite number above 0"),
+    Case("throughput_peak_zero", "bench", bench("throughput", "--peak_tflops", "0"), "argument --peak_tflops: 0 must be a finite number above 0"),
     Case("unknown_subcommand", "bench", bench("speed"), "argument command: invalid choice: 'speed'"),
 ]
 if not torch.cuda.is_available():

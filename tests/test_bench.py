@@ -32,7 +32,7 @@ def test_params_reproduce_the_ssh_paper_count():
     rows = params.run(["llama-3.1-8b"], ["ssh", "lora"])
     by_label = {r["setting"]: r for r in rows}
     assert by_label["ssh n=750"]["trainable"] == 48_000  # SSH abstract: 0.048 M for LLaMA-3.1-8B
-    assert by_label["lora r=8"]["trainable"] == 3_407_872  # METHODS.md §8
+    assert by_label["lora r=8"]["trainable"] == 3_407_872  # docs/methods.md §8
     assert by_label["lora r=64"]["trainable"] == 27_262_976
     assert by_label["ssh n=750"]["vs_lora8_qv"] == pytest.approx(48_000 / 3_407_872)
     text = table(rows, params.COLUMNS)

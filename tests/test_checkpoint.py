@@ -12,7 +12,7 @@ import deepspeed
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from transformers import LlamaForCausalLM
 
 import megaspec
@@ -42,7 +42,7 @@ DS_CONFIG = {
 
 def init_single_process() -> None:
     """A world of one gloo rank (idempotent: other test modules may have made it already)."""
-    if dist.is_initialized():
+    if torch_dist.is_initialized():
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -202,7 +202,7 @@ def test_keep_prunes_and_resave(run: dict, tmp_path: Path) -> None:
 
 def _resume_on_ranks(out: str) -> dict:
     """One rank: train 4 steps saving at 2 and 4, damage 4, resume a fresh engine from what latest finds."""
-    rank = dist.get_rank()
+    rank = torch_dist.get_rank()
     engine, model, _ = make_engine()
     coeffs = model.model.layers[0].self_attn.q_proj.coeffs
     result = {"partition": (coeffs.ds_tensor.numel(), coeffs.ds_numel)}
@@ -216,7 +216,7 @@ def _resume_on_ranks(out: str) -> dict:
     if rank == 0:
         state_file = result["latest"] / "trainer_state.json"
         state_file.write_text(state_file.read_text().replace('"data_position": 8', '"data_position": 9'))
-    dist.barrier()
+    torch_dist.barrier()
     result["fallback"] = latest_checkpoint(out)
     fresh, _, _ = make_engine()
     try:

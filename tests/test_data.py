@@ -1,4 +1,4 @@
-"""Tests for megaspec.train.data and the embedded default in megaspec.tiny."""
+"""Tests for megaspec.train.data and the embedded default in megaspec.train.embedded."""
 
 import json
 from itertools import islice
@@ -9,15 +9,6 @@ import sentencepiece as spm
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from megaspec.tiny import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    embedded_corpus,
-    embedded_instructions,
-    embedded_tokenizer,
-    tiny_llama_config,
-)
 from megaspec.train.data import (
     IGNORE,
     BlockDataset,
@@ -30,6 +21,15 @@ from megaspec.train.data import (
     pack_examples,
     pad_examples,
     split_indices,
+)
+from megaspec.train.embedded import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    embedded_corpus,
+    embedded_instructions,
+    embedded_tokenizer,
+    tiny_llama_config,
 )
 
 # (input_ids, labels): a text record, an instruction record with a 7-token masked prompt, a text record.

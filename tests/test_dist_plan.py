@@ -17,7 +17,7 @@ from megaspec import AdapterConfig, apply_adapters
 from megaspec.adapters import dense_weight
 from megaspec.adapters.fourierft import FourierFTAdapter
 from megaspec.adapters.ssh import SSHAdapter
-from megaspec.dist import assign_layers, gather_layer, is_partitioned, plan_adapters, plan_digest
+from megaspec.distributed import assign_layers, gather_layer, is_partitioned, plan_adapters, plan_digest
 from megaspec.model import adapters_of
 
 from .conftest import tiny_config

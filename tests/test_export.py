@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from megaspec.adapters import ADAPTERS, adapter_class
 from megaspec.config import AdapterConfig
 from megaspec.export import ExportError, export, open_run
-from megaspec.export.lowrank import compress, residual, spectrum_factors, svd_by_rows
+from megaspec.export.factors import compress, residual, svd_by_rows
 from megaspec.export.run import detached_adapters, load_base
 from megaspec.export.sources import CheckpointSource, ModelSource
 from megaspec.model import adapters_of, apply_adapters, load_adapter, save_adapter
 from megaspec.spectral import dense_update
+from megaspec.spectral.sparse import spectrum_factors
 from megaspec.train.embedded import embedded_base
 from tests.distributed import REPO, run_script
 from tests.launcher import check, cpu_env, run_train
@@ -42,7 +43,7 @@ def make_run(root: Path, method: str, quantize: str = "none", **overrides) -> Pa
     model = base_model()
     fields = dict(method=method, n_coeffs=100, seed=7, rank=4, n_blocks=2)
     fields.update(overrides)
-    if getattr(adapter_class(method), "needs_calibration", False):  # S2FT plans from a gradient estimate
+    if adapter_class(method).needs_calibration:  # S2FT plans from a gradient estimate
         apply_adapters(model, AdapterConfig(**fields), calibration=[{"input_ids": INPUT, "labels": INPUT}])
     else:
         apply_adapters(model, AdapterConfig(**fields))
@@ -144,7 +145,7 @@ def test_update_rows_stay_exact_at_llama_row_counts():
     from torch import nn
 
     from megaspec.adapters.ssh import SSHAdapter
-    from megaspec.dist import plan_adapters
+    from megaspec.distributed import plan_adapters
     from megaspec.export.run import update_rows
 
     torch.manual_seed(0)
@@ -342,7 +343,7 @@ def test_lora_exports_as_trained(runs, tmp_path):
 
 def test_truncated_rank_reports_the_true_residual(runs, tmp_path, capsys):
     out = tmp_path / "peft"
-    export(runs["ssh"], out, "peft", rank=4)
+    export(runs["ssh"], out, "peft", lora_rank=4)
     printed_lines = capsys.readouterr().out.splitlines()
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 4, {})
@@ -368,7 +369,7 @@ def test_native_export_is_the_adapter_with_a_model_card(runs, tmp_path):
 
 
 def test_generate_from_the_embedded_default_run(trained_run, trained_merged):
-    from megaspec.export.inference import complete, load_for_inference
+    from megaspec.export.generate import complete, load_for_inference
 
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "generate.py"), "--run", str(trained_run), "--prompt", "Q: add 3 and 4\\nA:",

@@ -10,43 +10,17 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from megaspec import AdapterConfig, apply_adapters, load_adapter, merge_adapters, save_adapter
+from megaspec import AdapterConfig, apply_adapters, save_adapter
 from megaspec.adapters import dense_weight
 from megaspec.model import WEIGHTS_NAME, adapters_of
 from megaspec.spectral.lowrank import cayley, spectral_index_scores, spectral_order, split_sizes, top_singular
 
-from .conftest import tiny_config
+from .conftest import CASES, batch, tiny_config, train, zero3_config, zero3_tiny_llama
 from .distributed import run_ranks
 from .test_param_counts import llama31_8b_meta
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
-METHODS = ["spectral_a", "spectral_r", "smoa"]
-# per method: config and AdamW learning rate for 8 steps on the tiny model. spectral_r can only
-# rotate and rescale the top-r triplets of a random init, so it moves the loss least.
-SETUPS = {
-    "spectral_a": (AdapterConfig(method="spectral_a", rank=4, target_modules=TARGETS), 2e-2, 0.1),
-    "spectral_r": (AdapterConfig(method="spectral_r", rank=8, target_modules=TARGETS), 1e-1, 0.02),
-    "smoa": (AdapterConfig(method="smoa", rank=4, n_blocks=2, alpha=8, target_modules=TARGETS), 1e-1, 0.1),
-}
+METHODS = ["spectral_a", "spectral_r", "smoa"]  # their shared lifecycle is in test_adapters.py (METHOD_CASES)
 SHAPES = [(64, 64), (32, 64), (128, 64), (64, 128), (7, 5)]
-
-
-def batch() -> torch.Tensor:
-    return torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
-
-
-def train(model: nn.Module, ids: torch.Tensor, lr: float, steps: int = 8) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def standalone(method: str, shape: tuple[int, int], dtype: torch.dtype = torch.float64, **overrides):
@@ -64,40 +38,6 @@ def standalone(method: str, shape: tuple[int, int], dtype: torch.dtype = torch.f
     return adapter
 
 
-# --- the shared lifecycle on a tiny LLaMA --------------------------------------------------
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_lifecycle(method, tiny_model, tmp_path):
-    config, lr, gain = SETUPS[method]
-    ids = batch()
-    with torch.no_grad():
-        before = tiny_model(ids).logits
-    frozen = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    summary = apply_adapters(tiny_model, config)
-    assert len(summary.layers) == 8
-    with torch.no_grad():
-        assert torch.equal(tiny_model(ids).logits, before), "delta must be exactly zero at step 0"
-
-    losses = train(tiny_model, ids, lr)
-    assert losses[-1] < losses[0] - gain, losses
-    for name, p in tiny_model.named_parameters():
-        if not p.requires_grad:
-            assert torch.equal(p, frozen[name.replace(".base.", ".")])
-    with torch.no_grad():
-        adapted = tiny_model(ids).logits
-
-    save_adapter(tiny_model, tmp_path / "adapter")
-    torch.manual_seed(0)
-    fresh = LlamaForCausalLM(tiny_config()).eval()
-    load_adapter(fresh, tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(ids).logits, adapted, atol=0, rtol=0)
-        merge_adapters(fresh)
-        assert not adapters_of(fresh)
-        torch.testing.assert_close(fresh(ids).logits, adapted, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fast_forward_equals_dense_update(method, shape):
@@ -113,7 +53,7 @@ def test_fast_forward_equals_dense_update(method, shape):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_forward(method, tiny_model):
-    apply_adapters(tiny_model, SETUPS[method][0])
+    apply_adapters(tiny_model, CASES[method].config)
     for adapter in adapters_of(tiny_model).values():
         for p in adapter.parameters(recurse=False):
             p.data.normal_()
@@ -213,9 +153,9 @@ def test_spectral_r_is_a_rotation_of_the_top_triplets(shape):
 
 
 def test_spectral_r_bases_stay_orthonormal(tiny_model):
-    config, lr, _ = SETUPS["spectral_r"]
+    config, lr = CASES["spectral_r"].config, CASES["spectral_r"].lr
     apply_adapters(tiny_model, config)
-    train(tiny_model, batch(), lr)
+    train(tiny_model, batch(), lr=lr)
     for adapter in adapters_of(tiny_model).values():
         assert adapter.X_U.detach().abs().max() > 1e-3, "training must have rotated the bases"
         eye = torch.eye(config.rank, dtype=torch.float32)
@@ -247,7 +187,7 @@ def test_smoa_update_is_block_diagonal_and_hadamard(shape, n_blocks):
 
 
 def test_smoa_init_and_saved_state(tiny_model, tmp_path):
-    config = SETUPS["smoa"][0]
+    config = CASES["smoa"].config
     apply_adapters(tiny_model, config)
     adapter = tiny_model.model.layers[0].mlp.down_proj  # 64 x 128
     for k, cols in enumerate(split_sizes(128, 2)):
@@ -282,7 +222,7 @@ def test_smoa_on_bitsandbytes_base():
     assert torch.equal(adapter.row_perm, spectral_order(w0)[0])
 
 
-# --- LLaMA-3.1-8B counts on meta (METHODS.md 8) ----------------------------------------------
+# --- LLaMA-3.1-8B counts on meta (docs/methods.md §8) ----------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -311,17 +251,6 @@ def test_llama31_8b_counts_on_meta(config, count):
 ZERO3_STEPS = 3
 
 
-def zero3_config(lr: float) -> dict:
-    # persistence threshold 0: every tiny weight is really released after its module's forward,
-    # so SMoA must take its anchors inside the base's forward (the hook), as on a large model
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-    }
-
-
 def _zero3_run(weights_path: str) -> dict:
     """One rank: each method on a partitioned tiny LLaMA, trained on this rank's half of the batch."""
     import deepspeed
@@ -330,16 +259,9 @@ def _zero3_run(weights_path: str) -> dict:
     rank = torch.distributed.get_rank()
     out = {}
     for method in METHODS:
-        config, lr, _ = SETUPS[method]
-        ds_config = zero3_config(lr)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = LlamaForCausalLM(tiny_config())
-        for prefix, module in model.named_modules():
-            params = dict(module.named_parameters(recurse=False))
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                if rank == 0:
-                    for key, p in params.items():
-                        p.data.copy_(state[f"{prefix}.{key}" if prefix else key])
+        config, lr = CASES[method].config, CASES[method].lr
+        ds_config = zero3_config(lr)  # every weight released: SMoA takes its anchors inside the base's forward (the hook)
+        model = zero3_tiny_llama(ds_config, state)
         apply_adapters(model, config)
         plans = {n: {k: v.clone() for k, v in a.plan_state().items()} for n, a in adapters_of(model).items()}
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -365,7 +287,7 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "weights.pt")
     ranks = [r.value for r in run_ranks(_zero3_run, 2, args=(str(tmp_path / "weights.pt"),), timeout=400)]
     for method in METHODS:
-        config, lr, _ = SETUPS[method]
+        config, lr = CASES[method].config, CASES[method].lr
         model = LlamaForCausalLM(tiny_config())
         model.load_state_dict(torch.load(tmp_path / "weights.pt"))
         apply_adapters(model, config)
@@ -375,6 +297,6 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
             for name, adapter in adapters_of(model).items():
                 for key, buf in adapter.plan_state().items():
                     assert torch.equal(out[method]["plans"][name][key], buf), (method, name, key)
-        losses = train(model, batch(), lr, steps=ZERO3_STEPS)
+        losses = train(model, batch(), steps=ZERO3_STEPS, lr=lr)
         two_ranks = [(a + b) / 2 for a, b in zip(ranks[0][method]["losses"], ranks[1][method]["losses"], strict=True)]
         np.testing.assert_allclose(two_ranks, losses, rtol=0, atol=1e-5, err_msg=method)

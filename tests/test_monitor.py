@@ -12,7 +12,7 @@ import deepspeed
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -39,7 +39,7 @@ REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time", "mem
 
 def init_single_process() -> None:
     """A world of one gloo rank (idempotent: other test modules may have made it already)."""
-    if dist.is_initialized():
+    if torch_dist.is_initialized():
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,7 +267,7 @@ def test_layer_tags() -> None:
 
 def _log_on_ranks(out: str) -> dict:
     """One rank: a ZeRO-3 step, then every logging call (the spectral ones are collective)."""
-    rank = dist.get_rank()
+    rank = torch_dist.get_rank()
     model = tiny_model("ssh")
     engine = zero3_engine(model)
     coeffs = model.model.layers[0].self_attn.q_proj.coeffs

@@ -30,14 +30,14 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]] | None:
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str], str]:
-    """launch/train.py's main(argv) in this process: exit code, its `megaspec: error:` lines, all of stderr."""
+    """launch/train.py's main(argv) in this process: exit code, its `train: error:` lines, all of stderr."""
     spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     capsys.readouterr()
     code = script.main(args)
     err = capsys.readouterr().err
-    return code, [line for line in err.splitlines() if line.startswith("megaspec: error: ")], err
+    return code, [line for line in err.splitlines() if line.startswith("train: error: ")], err
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -157,13 +157,14 @@ def test_each_step_logs_the_lr_its_update_used_and_none_is_zero(halted_run, tmp_
 
 @pytest.mark.slow
 def test_garbage_latest_falls_back_to_the_step_folders_and_the_resumed_run_finishes(halted_run, tmp_path, capsys) -> None:
+    from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import resume_checkpoint
-    from megaspec.train.loop import TrainConfig
+    from megaspec.train.config import TrainConfig
     from megaspec.train.validate import check_output_dir
 
     out = copy_run(halted_run, tmp_path)
     (out / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00\x13garbage\x80")
-    check_output_dir(TrainConfig(resume=True, output_dir=str(out), n_coeffs=200))
+    check_output_dir(TrainConfig(resume=True, output_dir=str(out), adapter=AdapterConfig(n_coeffs=200)))
     assert resume_checkpoint(out) == out / "checkpoints" / "step-000004"
     proc = run_train([*RUN, "--resume", "--output_dir", str(out)], env=job_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -198,7 +199,7 @@ def test_resume_with_every_checkpoint_corrupt_refuses_and_deletes_nothing(halted
         damage(checkpoint)
     before = snapshot(out)
     proc = run_train([*RUN, "--resume", "--output_dir", str(out)], env=job_env())
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert "no usable checkpoint" in errors[0]
     assert "step-000004: adapter/adapter_model.safetensors does not match its sha256" in errors[0]
@@ -244,7 +245,7 @@ def test_disk_full_during_a_save_is_one_line_keeps_the_last_checkpoint_and_resum
         assert first.returncode == 75, first.stderr[-3000:]
         filler = fill(disk, leave=96 << 10)  # room for logs, not for a checkpoint (~270 kB here)
         full = run_train([*args, "--resume"], env=job_env())
-        errors = [line for line in full.stderr.splitlines() if line.startswith("megaspec: error: ")]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("train: error: ")]
         assert full.returncode == 2 and len(errors) == 1, full.stderr[-3000:]
         assert "no space left on device" in errors[0] and "step-000002 is untouched" in errors[0], errors[0]
         assert "Traceback" not in full.stderr
@@ -281,7 +282,7 @@ def test_real_divergence_ends_with_exit_3_and_one_line_and_keeps_checkpoints(tmp
     out = tmp_path / "run"
     proc = run_train([*RUN, "--lr", "1e30", "--save_every", "1", "--max_skipped_steps", "2", "--output_dir", str(out)],
                      ranks=2, env=job_env())
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert proc.returncode == 3 and len(errors) == 1, proc.stderr[-3000:]
     assert "gradient norm is exactly 0" in errors[0] and "--max_skipped_steps 2" in errors[0], errors[0]
     assert "Traceback" not in proc.stderr
@@ -293,7 +294,7 @@ def test_real_divergence_ends_with_exit_3_and_one_line_and_keeps_checkpoints(tmp
 def test_non_finite_parameters_are_found_on_any_rank_partition() -> None:
     import torch
 
-    from megaspec.train.loop import coefficients_finite
+    from megaspec.train.guard import coefficients_finite
 
     good = torch.nn.Parameter(torch.ones(4))
     assert coefficients_finite([good])
@@ -349,12 +350,12 @@ def test_heartbeat_reports_a_long_phase_once_per_period_and_restarts_with_a_new_
     beat.stop()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert all(line.startswith("megaspec: heartbeat: rank 1 still in step 7 (forward, backward, optimizer) after") for line in lines)
+    assert all(line.startswith("train: heartbeat: rank 1 still in step 7 (forward, backward, optimizer) after") for line in lines)
     assert "MEGASPEC_DIST_TIMEOUT_S=" in lines[0]
 
 
 def test_void_updates_count_toward_divergence_like_skipped_steps() -> None:
-    from megaspec.train.loop import NonFiniteGuard
+    from megaspec.train.guard import NonFiniteGuard
 
     guard = NonFiniteGuard(limit=2)
     guard.end_step(skipped=False, grad_norm=3.5)
@@ -378,7 +379,7 @@ def test_a_single_rank_heartbeat_does_not_speak_of_peers() -> None:
     beat.phase("eval at step 50")
     time.sleep(0.35)
     beat.stop()
-    assert stream.getvalue().splitlines() == ["megaspec: heartbeat: rank 0 still in eval at step 50 after 0 s"]
+    assert stream.getvalue().splitlines() == ["train: heartbeat: rank 0 still in eval at step 50 after 0 s"]
 
 
 @pytest.mark.slow
@@ -392,7 +393,7 @@ def test_a_rendezvous_port_in_use_is_one_line(tmp_path) -> None:
         env = {**cpu_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
         proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *FAST, "--output_dir", str(tmp_path / "run")],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
     assert f"127.0.0.1:{port} is already in use" in errors[0] and "--master_port" in errors[0]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from megaspec import AdapterConfig, apply_adapters
 from megaspec.adapters import dense_weight, is_quantized
@@ -23,7 +23,7 @@ from megaspec.quant import (
     provide_zero_quantizer,
 )
 
-from .conftest import tiny_config
+from .conftest import save_llama, tiny_config
 from .distributed import REPO, run_ranks
 from .launcher import check, losses, run_train
 
@@ -37,21 +37,14 @@ SSH = AdapterConfig(method="ssh", n_coeffs=100, target_modules=["q_proj", "v_pro
 STEPS = 8
 
 
-def save_model(path: Path, config: LlamaConfig) -> Path:
-    """A seeded random LLaMA saved in HF format."""
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("tiny") / "model", tiny_config())
+    return save_llama(tmp_path_factory.mktemp("tiny") / "model", tiny_config())
 
 
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory) -> Path:
-    return save_model(tmp_path_factory.mktemp("wide") / "model", LlamaConfig(**WIDE))
+    return save_llama(tmp_path_factory.mktemp("wide") / "model", LlamaConfig(**WIDE))
 
 
 def load(path: Path, quantize: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -318,7 +311,7 @@ def _zero3_worker(model_dir: str) -> dict:
     """One rank: bf16, nf4 and int8 bases under ZeRO-3; measured bytes, gathered dense weights, a few steps."""
     import deepspeed
 
-    from megaspec.dist import gather_layer
+    from megaspec.distributed import gather_layer
     from megaspec.train.dsconfig import resolve_ds_config
     from megaspec.train.loop import build_model
 
@@ -385,17 +378,6 @@ def test_zero3_two_ranks_partition_quantized_weights(wide_dir):
 # --- the training job ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def batch8_config(tmp_path_factory) -> Path:
-    """zero3.json with a global batch of 8: 1 rank accumulates 2 micro-batches of 4, 2 ranks take 4 each."""
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config.update(train_batch_size=8, train_micro_batch_size_per_gpu=4)
-    config.pop("gradient_accumulation_steps")
-    path = tmp_path_factory.mktemp("cfg") / "zero3_batch8.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
 def positions(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -429,7 +411,7 @@ def _qwz_worker(model_dir: str) -> dict:
     """One rank of ds_configs/zero3_qwz.json: int8 shards, what gathers return, planning, training, merging."""
     import deepspeed
 
-    from megaspec.dist import gather_params
+    from megaspec.distributed import gather_params
     from megaspec.train.dsconfig import resolve_ds_config
     from megaspec.train.loop import build_model
 
@@ -516,10 +498,10 @@ def test_qwz_int8_frozen_shards_train_plan_and_merge(ranks, wide_dir):
 @pytest.mark.slow
 def test_qwz_config_trains_from_the_command_line_on_two_ranks(tmp_path):
     """`deepspeed launch/train.py --ds_config ds_configs/zero3_qwz.json` on 2 CPU ranks, a 512-wide model."""
-    from megaspec.tiny import embedded_tokenizer
+    from megaspec.train.embedded import embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
-    model_dir = save_model(tmp_path / "model", LlamaConfig(**{**WIDE, "vocab_size": len(tokenizer), "max_position_embeddings": 128}))
+    model_dir = save_llama(tmp_path / "model", LlamaConfig(**{**WIDE, "vocab_size": len(tokenizer), "max_position_embeddings": 128}))
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
     proc = check(run_train(["--model", str(model_dir), "--ds_config", str(REPO / "ds_configs" / "zero3_qwz.json"),

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megaspec import apply_adapters
 from megaspec.quant_load import CheckpointError, checkpoint_files, load_mode, streams
 
+from .conftest import save_llama
 from .distributed import REPO, run_ranks
 from .launcher import run_train
 from .test_quant import SSH, WIDE, decoder_linears
@@ -25,23 +26,16 @@ CHUNK = 1 << 15  # weights per read in the workers: every linear is read in 2 to
 STEPS = 5
 
 
-def save_sharded(path: Path, config: dict, dtype: torch.dtype = torch.float32) -> Path:
-    """A seeded random LLaMA saved as several safetensors shards (with an index)."""
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**config)).to(dtype).save_pretrained(path, max_shard_size="600KB")
-    return path
-
-
 @pytest.fixture(scope="module")
 def wide_dir(tmp_path_factory) -> Path:
-    path = save_sharded(tmp_path_factory.mktemp("wide") / "model", WIDE)
+    path = save_llama(tmp_path_factory.mktemp("wide") / "model", LlamaConfig(**WIDE), max_shard_size="600KB")
     assert len(list(path.glob("*.safetensors"))) > 3 and (path / "model.safetensors.index.json").is_file()
     return path
 
 
 @pytest.fixture(scope="module")
 def odd_dir(tmp_path_factory) -> Path:
-    return save_sharded(tmp_path_factory.mktemp("odd") / "model", ODD, torch.bfloat16)
+    return save_llama(tmp_path_factory.mktemp("odd") / "model", LlamaConfig(**ODD), torch.bfloat16, max_shard_size="600KB")
 
 
 def ds_config(bf16: bool = False, name: str = "zero3.json") -> dict:
@@ -117,7 +111,7 @@ def test_missing_tensor_or_shard_is_one_clear_error(odd_dir, tmp_path):
 @pytest.mark.slow
 def test_cli_refuses_a_bin_checkpoint_with_exit_2(tmp_path):
     """`launch/train.py --quantize nf4` on a pytorch_model.bin folder: one line, exit 2, before any training."""
-    from megaspec.tiny import embedded_tokenizer
+    from megaspec.train.embedded import embedded_tokenizer
 
     tokenizer = embedded_tokenizer()
     model_dir = save_bin(tmp_path / "model", {**ODD, "vocab_size": len(tokenizer)})
@@ -125,7 +119,7 @@ def test_cli_refuses_a_bin_checkpoint_with_exit_2(tmp_path):
     proc = run_train(["--model", str(model_dir), "--quantize", "nf4", "--max_steps", "2", "--seq_len", "32",
                       "--output_dir", str(tmp_path / "run")])
     assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and "holds pytorch_model.bin, not safetensors" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
@@ -152,7 +146,7 @@ def _record_reads(monkeypatch_target: object) -> list[int]:
 
 def _gathered_dense(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     from megaspec.adapters import dense_weight
-    from megaspec.dist import gather_layer
+    from megaspec.distributed import gather_layer
 
     out = {}
     for name in names:
@@ -163,7 +157,7 @@ def _gathered_dense(model: torch.nn.Module, names: list[str]) -> dict[str, torch
 
 def _plain_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unquantized parameters (embeddings, norms, lm_head), gathered."""
-    from megaspec.dist import gather_params
+    from megaspec.distributed import gather_params
 
     params = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point and not hasattr(p, "quant_state")}
     with gather_params(list(params.values())):

@@ -85,7 +85,7 @@ def test_real_model_trains_on_two_zero3_ranks_exports_and_generates(gguf_file, h
     from peft import PeftModel
 
     from megaspec.export import export
-    from megaspec.export.inference import complete, load_for_inference
+    from megaspec.export.generate import complete, load_for_inference
     from megaspec.model import load_adapter
     from megaspec.train.data import load_tokenizer
 

@@ -103,7 +103,7 @@ def write_workspace(ws: Path) -> None:
     variant("batch7.json", lambda c: c.update(train_batch_size=7))
     variant("optimizer.json", lambda c: c["optimizer"].update(type="AdamQ"))
 
-    from megaspec.tiny import embedded_tokenizer, tiny_llama_config
+    from megaspec.train.embedded import embedded_tokenizer, tiny_llama_config
 
     model = ws / "vocab100"  # config.json and tokenizer only: validation never needs the weights
     embedded_tokenizer().save_pretrained(model)
@@ -117,15 +117,16 @@ def write_workspace(ws: Path) -> None:
 
 def write_saved_run(out: Path, world_size: int) -> None:
     """A run folder as the loop leaves it (ssh, default settings), without the heavy engine files."""
+    from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import config_hash
-    from megaspec.train.loop import TrainConfig, _resume_keys
+    from megaspec.train.config import TrainConfig, resume_keys, run_record
 
-    cfg = TrainConfig(method="ssh", n_coeffs=200, output_dir=str(out))
-    state = {"config_hash": config_hash(_resume_keys(cfg)), "step": 2, "world_size": world_size, "method": "ssh"}
+    cfg = TrainConfig(adapter=AdapterConfig(method="ssh", n_coeffs=200), output_dir=str(out))
+    state = {"config_hash": config_hash(resume_keys(cfg)), "step": 2, "world_size": world_size, "method": "ssh"}
     (out / "checkpoints" / "step-000002").mkdir(parents=True)
     (out / "checkpoints" / "step-000002" / "trainer_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step-000002")
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (out / "train_config.json").write_text(json.dumps(run_record(cfg, None)))
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]] | None:
@@ -204,7 +205,7 @@ def test_bad_input_fails_fast_with_one_line_and_leaves_output_dir_alone(case: Ca
         proc, before, after, seconds = run_in_process(case, workspace, capsys)
     report = f"exit {proc.returncode} after {seconds:.0f}s\n--- stderr\n{proc.stderr[-3000:]}\n--- stdout\n{proc.stdout[-1500:]}"
     assert proc.returncode == 2, report
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and case.expect in errors[0], report
     assert "Traceback" not in proc.stderr, report
     assert after == before, f"output_dir changed: {before} -> {after}"
@@ -214,9 +215,9 @@ def test_bad_input_fails_fast_with_one_line_and_leaves_output_dir_alone(case: Ca
 
 def torch_distributed_initialized() -> bool:
     """Whether this process has joined a torch.distributed world."""
-    import torch.distributed as dist
+    import torch.distributed as torch_dist
 
-    return dist.is_available() and dist.is_initialized()
+    return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def test_check_quantize_runs_each_mode_here_and_names_a_missing_library(monkeypatch) -> None:
@@ -235,7 +236,7 @@ def test_check_quantize_runs_each_mode_here_and_names_a_missing_library(monkeypa
 
 def test_valid_defaults_pass_validation_and_unknown_ds_keys_only_warn(tmp_path) -> None:
     """The README command validates cleanly; a key DeepSpeed does not know, and nothing like a known one, warns."""
-    from megaspec.train.loop import TrainConfig
+    from megaspec.train.config import TrainConfig
     from megaspec.train.validate import validate
 
     config = json.loads(ZERO3.read_text())
@@ -449,7 +450,7 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path) -> None:
     assert proc.returncode != 0
     assert seconds < 90, f"the job took {seconds:.0f}s to end after a rank hung"
     # the rank still alive says where it waits, while it waits (issue 15)
-    assert "megaspec: heartbeat: rank 0 still in step" in (tmp_path / "logs" / "stderr").read_text()
+    assert "train: heartbeat: rank 0 still in step" in (tmp_path / "logs" / "stderr").read_text()
     assert leftovers == [], "the ranks unlink their /dev/shm buffers once the process group has formed"
 
 
@@ -458,7 +459,7 @@ def nan_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """2 ranks; rank 0 alone sees NaN at step 4 (skipped), then at 7, 8, 9 (one more than allowed: stop)."""
     out = tmp_path_factory.mktemp("nan") / "run"
     args = [*RUN, "--save_every", "5", "--log_every", "1", "--max_skipped_steps", "2", "--output_dir", str(out)]
-    proc = run_train(args, ranks=2, env=job_env(MEGASPEC_TEST_NAN_STEPS="4,7,8,9"))
+    proc = run_train(["4,7,8,9", *args], ranks=2, env=job_env(), script=REPO / "tests" / "nan_train.py")
     return out, proc
 
 
@@ -491,7 +492,7 @@ def test_repeated_nan_stops_with_the_step_and_keeps_last_good_checkpoint(nan_run
 
     out, proc = nan_run
     assert proc.returncode == 3, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("megaspec: error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train: error: ")]
     assert len(errors) == 1 and "loss is not finite at step 9" in errors[0] and "--max_skipped_steps 2" in errors[0]
     assert max(losses(out)) == 9
     assert latest_checkpoint(out).name == "step-000005"

@@ -4,7 +4,6 @@ gradient estimate against autograd, the lifecycle on a tiny LLaMA, and ZeRO-3 on
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import numpy as np
@@ -21,37 +20,18 @@ from megaspec.calibrate import DEFAULT_GROUP_BYTES, calibrate_adapters, estimate
 from megaspec.model import adapters_of
 from megaspec.spectral import dense_update
 
-from .conftest import tiny_config
-from .distributed import REPO, run_ranks
+from .conftest import TARGETS, batch, tiny_config, train, zero3_config, zero3_tiny_llama
+from .distributed import run_ranks
 from .launcher import check, losses, run_train
 from .test_param_counts import llama31_8b_meta
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
 CONFIG = AdapterConfig(method="s2ft", n_coeffs=120, target_modules=TARGETS)
 SHAPES = [(64, 64), (32, 64), (128, 64), (7, 5), (6, 9)]
-
-
-def batch() -> torch.Tensor:
-    return torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
 def halves(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Two calibration micro-batches of 2 sequences (what each of 2 ranks would take)."""
     return [{"input_ids": ids[i : i + 2], "labels": ids[i : i + 2]} for i in (0, 2)]
-
-
-def train(model: nn.Module, ids: torch.Tensor, steps: int = 8, lr: float = 2e-2) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    out = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(loss.item())
-    model.eval()
-    return out
 
 
 # --- naive oracles -------------------------------------------------------------------------
@@ -302,7 +282,7 @@ def test_bad_configs(tiny_model):
 def test_llama31_8b_count_on_meta():
     model = llama31_8b_meta()
     summary = apply_adapters(model, AdapterConfig(method="s2ft", n_coeffs=1000, target_modules=["q_proj", "v_proj"]))
-    assert summary.trainable == 64_000 and summary.nominal  # as FourierFT (METHODS.md 3): n per layer
+    assert summary.trainable == 64_000 and summary.nominal  # as FourierFT (docs/methods.md §3): n per layer
     q = model.model.layers[0].self_attn.q_proj
     assert {k: tuple(v.shape) for k, v in q.plan_state().items()} == {k: tuple(v.shape) for k, v in q.nominal_plan().items()}
 
@@ -318,21 +298,8 @@ def _zero3_run(weights_path: str) -> dict:
 
     state = torch.load(weights_path)
     rank = torch.distributed.get_rank()
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "optimizer": {"type": "AdamW", "params": {"lr": 2e-2, "torch_adam": True}},
-        # threshold 0: every tiny weight is really released, so only the engine's hooks gather it
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "steps_per_print": 10**9,
-    }
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = LlamaForCausalLM(tiny_config())
-    for prefix, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if rank == 0:
-                for key, p in params.items():
-                    p.data.copy_(state[f"{prefix}.{key}" if prefix else key])
+    ds_config = zero3_config(2e-2)
+    model = zero3_tiny_llama(ds_config, state)
     apply_adapters(model, CONFIG, defer_calibration=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -375,17 +342,6 @@ def test_zero3_two_ranks_match_one_process(tmp_path):
 # --- the training job: 1 rank, 2 ranks, resumed -------------------------------------------------
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def batch8_config(tmp_path_factory):
-    """zero3.json with a fixed global batch of 8: 1 rank accumulates 2 micro-batches of 4, 2 ranks take 4 each."""
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config.update(train_batch_size=8, train_micro_batch_size_per_gpu=4)
-    config.pop("gradient_accumulation_steps")
-    path = tmp_path_factory.mktemp("cfg") / "zero3_batch8.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 def _args(config, out) -> list[str]:

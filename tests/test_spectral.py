@@ -83,7 +83,7 @@ def test_dht2_matches_naive_and_inverts(shape, separable):
 
 
 def test_dht2_variants_relation_and_parseval():
-    """METHODS.md 1.1: H = (Hs[k,l] + Hs[-k,l] + Hs[k,-l] - Hs[-k,-l]) / 2; energies sum to ||W||^2."""
+    """docs/methods.md §1.1: H = (Hs[k,l] + Hs[-k,l] + Hs[k,-l] - Hs[-k,-l]) / 2; energies sum to ||W||^2."""
     x = torch.randn(6, 9, dtype=torch.float64)
     h, hs = dht2(x), dht2(x, separable=True)
     flip_k, flip_l = torch.roll(torch.flip(hs, [0]), 1, 0), torch.roll(torch.flip(hs, [1]), 1, 1)
@@ -167,7 +167,7 @@ def test_gradients_match_dense_path(kernel):
     (sparse_spectrum_linear(x, c1, rows, cols, 12, kernel, path="fast") * g).sum().backward()
     (x @ dense_update(c2, rows, cols, shape, kernel).T * g).sum().backward()
     torch.testing.assert_close(c1.grad, c2.grad, atol=1e-12, rtol=0)
-    if kernel == "dht":  # METHODS.md 1.3 closed form: dL/dc = DHT2(g^T x)[u, v] / (M N)
+    if kernel == "dht":  # docs/methods.md §1.3 closed form: dL/dc = DHT2(g^T x)[u, v] / (M N)
         torch.testing.assert_close(c1.grad, dht2(g.T @ x)[rows, cols] / math.prod(shape), atol=1e-12, rtol=0)
 
 

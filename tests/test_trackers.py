@@ -55,8 +55,8 @@ def test_missing_package_is_skipped_in_one_line_and_tensorboard_goes_on(tmp_path
     err = capsys.readouterr().err.splitlines()
     assert logged["names"] == ["tensorboard"]
     assert [line for line in err if "--report_to" in line] == [
-        "megaspec: --report_to wandb: the wandb package is not installed, so wandb is skipped (pip install wandb)",
-        "megaspec: --report_to mlflow: the mlflow package is not installed, so mlflow is skipped (pip install mlflow)",
+        "train: --report_to wandb: the wandb package is not installed, so wandb is skipped (pip install wandb)",
+        "train: --report_to mlflow: the mlflow package is not installed, so mlflow is skipped (pip install mlflow)",
     ]
     assert [e.value for e in events(tmp_path / "tensorboard").Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
 

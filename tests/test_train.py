@@ -21,18 +21,6 @@ pytestmark = pytest.mark.slow
 STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def batch8_config(tmp_path_factory) -> Path:
-    """zero3.json with a fixed global batch of 8: 1 rank accumulates 2 micro-batches of 4, 2 ranks take 4 each."""
-    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    config["train_batch_size"] = 8
-    config["train_micro_batch_size_per_gpu"] = 4
-    config.pop("gradient_accumulation_steps")
-    path = tmp_path_factory.mktemp("cfg") / "zero3_batch8.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
 def common(config: Path, out: Path) -> list[str]:
     return ["--ds_config", str(config), "--max_steps", str(STEPS), "--eval_every", "5", "--save_every", "5",
             "--image_every", "5", "--n_coeffs", "200", "--output_dir", str(out)]
@@ -136,7 +124,7 @@ def test_hf_model_sentencepiece_and_jsonl_instructions(tmp_path):
     import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megaspec.tiny import embedded_corpus, embedded_instructions
+    from megaspec.train.embedded import embedded_corpus, embedded_instructions
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(embedded_corpus(500, seed=1)))

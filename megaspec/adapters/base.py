@@ -1,19 +1,23 @@
 """The one interface every method implements: wrap a frozen linear and add scale * delta(x).
 
-Life cycle of an adapter (DESIGN.md "adapter interface"):
+Life cycle of an adapter (docs/design.md "Adapter interface"):
 
 1. constructed around a frozen linear (nn.Linear, bnb Linear4bit/Linear8bitLt, or a ZeRO-3
    partitioned linear): no trainable state yet;
 2. planned: `plan_layer(weight)` sees the dense fp32 weight of its own layer (gathered and
-   dequantized by `megaspec.dist`, possibly on another rank) and returns a small picklable
+   dequantized by `megaspec.distributed`, possibly on another rank) and returns a small picklable
    result; `combine(results)` turns every layer's result into per-layer plans, identically on
    every rank (this is where a global, cross-layer choice happens); `apply_plan(plan)` stores
    the plan as buffers and creates the trainable parameters;
 3. trained: forward returns base(x) + delta(x), never materialising an M x N update;
-4. merged/exported: `delta_weight(row_ids)` gives a block of rows of the dense update.
+4. merged/exported: `delta_weight(row_ids)` gives a block of rows of the dense update, and
+   `low_rank_factors()` an exact dW = B A where the method's structure has one.
 
-A saved adapter holds the plan buffers, so loading calls `apply_plan` with them and never
-plans again.
+Every capability the rest of megaspec asks of a method is declared here with its default
+(`needs_weight`, `needs_calibration`, `update_reads_weight`, `trains_coefficients`, `default_lr`,
+`default_scale`, `check_config`, `coeff_capacity`, `low_rank_factors`, `float64_rows`), so no
+code outside megaspec/adapters/ tests what class an adapter is. A saved adapter holds the plan
+buffers, so loading calls `apply_plan` with them and never plans again.
 """
 
 from __future__ import annotations
@@ -101,8 +105,14 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""
     # whether plan_layer needs the dense frozen weight (it is gathered only for those that do)
     needs_weight: ClassVar[bool] = False
+    # whether the plan comes from data, a gradient estimate taken after deepspeed.initialize (megaspec.calibrate)
+    needs_calibration: ClassVar[bool] = False
     # whether delta_weight reads the frozen weight W0 (export then gives it the weights the run trained against)
     update_reads_weight: ClassVar[bool] = False
+    # whether the method trains config.n_coeffs spectral coefficients per layer (n_coeffs is unused otherwise)
+    trains_coefficients: ClassVar[bool] = False
+    # the peak learning rate of a run that does not set --lr
+    default_lr: ClassVar[float] = 1e-3
 
     def __init__(self, base: nn.Module, config: AdapterConfig, name: str, n_layers: int = 1) -> None:
         super().__init__()
@@ -112,6 +122,25 @@ class Adapter(nn.Module):
         self.n_layers = n_layers
         self.out_features, self.in_features = linear_shape(base)
         self.planned = False
+        self.check_config(config, self.shape, name)
+
+    # --- configuration --------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        """Raise ValueError (one line) when `config` cannot apply to layer `name` of `shape`; before anything is built."""
+
+    @classmethod
+    def coeff_capacity(cls, shape: tuple[int, int]) -> int:
+        """The most coefficients a layer of `shape` can train (methods with trains_coefficients)."""
+        return shape[0] * shape[1]
+
+    def default_scale(self) -> float:
+        """The update's scale when config.scale is None."""
+        return 1.0
+
+    def resolved_scale(self) -> float:
+        """config.scale when given, else the method's default_scale."""
+        return self.default_scale() if self.config.scale is None else float(self.config.scale)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -194,6 +223,17 @@ class Adapter(nn.Module):
         """Rows `row_ids` (default all) of the dense fp32 update dW (scale included)."""
         raise NotImplementedError
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """An exact float64 CPU (B, A) with dW = B A (scale included) from the method's structure; None when unknown.
+
+        Export reduces it to its numerical rank; without it export takes an SVD of delta_weight's rows.
+        """
+        return None
+
+    def float64_rows(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """row_ids -> float64 CPU rows of dW by a cheaper exact path than a float64 copy of the adapter; None: no such path."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         return out + self.delta(x).to(out.dtype)
@@ -210,11 +250,11 @@ class Adapter(nn.Module):
         return f"method={self.method}, shape={self.shape}, trainable={self.trainable_count()}"
 
 
-def ortho_scale(config_scale: float | None, shape: tuple[int, int]) -> float:
+def ortho_scale(shape: tuple[int, int]) -> float:
     """Default scale for the sparse-spectrum methods: sqrt(M N), i.e. unit-Frobenius basis functions.
 
     dW = scale * IDHT2(S) = scale * DHT2(S) / (MN); with scale = sqrt(MN) every coefficient moves
     the weight by a unit-norm pattern, so one learning rate suits every layer shape. A number
-    given in the config is used as is (paper parity: SSH's code hard-codes 49).
+    given in the config replaces it (paper parity: SSH's code hard-codes 49).
     """
-    return math.sqrt(shape[0] * shape[1]) if config_scale is None else float(config_scale)
+    return math.sqrt(shape[0] * shape[1])

@@ -8,15 +8,22 @@ import torch
 from torch import nn
 
 from megaspec.adapters.base import Adapter, layer_generator
+from megaspec.config import AdapterConfig
 
 
 class LoRAAdapter(Adapter):
     method = "lora"
 
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        if config.rank <= 0:
+            raise ValueError(f"rank={config.rank} must be positive for lora")
+
+    def default_scale(self) -> float:
+        return self.config.alpha / self.config.rank
+
     def init_parameters(self) -> None:
         r = self.config.rank
-        if r <= 0:
-            raise ValueError(f"rank={r} must be positive for lora")
 
         def kaiming() -> torch.Tensor:
             a = torch.empty(r, self.in_features)
@@ -24,7 +31,7 @@ class LoRAAdapter(Adapter):
 
         self.lora_A = self.new_parameter(kaiming, (r, self.in_features))
         self.lora_B = self.new_parameter(lambda: torch.zeros(self.out_features, r), (self.out_features, r))
-        self.scale = self.config.alpha / r if self.config.scale is None else float(self.config.scale)
+        self.scale = self.resolved_scale()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
@@ -35,3 +42,6 @@ class LoRAAdapter(Adapter):
         if row_ids is not None:
             b = b[row_ids]
         return (b @ self.lora_A.detach().float()) * self.scale
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B.detach().double().cpu() * self.scale, self.lora_A.detach().double().cpu()

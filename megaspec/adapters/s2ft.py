@@ -1,4 +1,4 @@
-"""S2FT: fine-tuning in a sparse spectrum of a permuted update (Zhang et al., CVPR 2026; METHODS.md 4).
+"""S2FT: fine-tuning in a sparse spectrum of a permuted update (Zhang et al., CVPR 2026; docs/methods.md §4).
 
 dW = P_r,c(scale * Re(IFFT2(S))): FourierFT's kernel in a row/column-permuted ("latent") domain,
 dW[row_perm[i], col_perm[j]] = dWbar[i, j], with n real coefficients S at planned positions.
@@ -33,9 +33,9 @@ No code is public. What the paper says (through a third-party note) and what is 
 - Training [inferred, FourierFT-style]: n real coefficients, zero init (init="gaussian" is
   refused: the estimate is taken at the frozen weights and the plan moves the positions), scale
   sqrt(M N) by default (ortho_scale) or config.scale. Fast forward: x~ = x[..., col_perm], the
-  FourierFT sparse-spectrum path (METHODS.md 1.3) on x~, then y = y~[..., inv_row_perm].
+  FourierFT sparse-spectrum path (docs/methods.md §1.3) on x~, then y = y~[..., inv_row_perm].
   Rows of dW for merge/export: latent rows inv_row_perm[a] by the FourierFT row formula
-  (METHODS.md 1.4), columns placed through inv_col_perm.
+  (docs/methods.md §1.4), columns placed through inv_col_perm.
 - Buffers (saved, never recomputed on load): rows, cols, row_perm, inv_row_perm, col_perm,
   inv_col_perm (long) and calibrated (bool, False for the provisional plan). apply_adapters
   refuses s2ft without calibration batches unless told that the caller calibrates later (the
@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from megaspec.adapters.base import Plan, layer_generator
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter, positions_plan, sample_positions
+from megaspec.config import AdapterConfig
 from megaspec.spectral import sparse_spectrum_linear, sparse_spectrum_rows
 from megaspec.spectral.transforms import compute_dtype
 
@@ -86,7 +87,7 @@ def pairwise_sq_distances(points: torch.Tensor, block: int = 1024) -> torch.Tens
 
 
 def nearest_neighbour_order(points: torch.Tensor, start: int) -> torch.Tensor:
-    """Greedy open-path TSP over the rows of `points` (METHODS.md 4 step 2): from `start`, always the
+    """Greedy open-path TSP over the rows of `points` (docs/methods.md §4 step 2): from `start`, always the
     nearest unvisited row; ties to the lowest index. Returns the visiting order (a permutation)."""
     dist = pairwise_sq_distances(points)
     k = dist.shape[0]
@@ -127,7 +128,7 @@ def sample_without_replacement(
 def power_prior_positions(
     latent: torch.Tensor, count: int, gamma: float, generator: torch.Generator, chunk: int | None = None
 ) -> torch.Tensor:
-    """Flat positions u * N + v drawn from one half-plane with p ~ |FFT2(latent)|^gamma (METHODS.md 4 step 3)."""
+    """Flat positions u * N + v drawn from one half-plane with p ~ |FFT2(latent)|^gamma (docs/methods.md §4 step 3)."""
     m, n = latent.shape
     h = n // 2 + 1
     amp = torch.fft.rfft2(latent.to(compute_dtype(latent))).abs().flatten()
@@ -150,23 +151,23 @@ class S2FTAdapter(SparseSpectrumAdapter):
     method = "s2ft"
     kernel = "fourier"
     # planned from a gradient estimate over data by megaspec.calibrate, after apply_adapters
-    needs_calibration: ClassVar[bool] = True
+    needs_calibration = True
+    capacity_note = ": one half-plane of the spectrum"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        cfg, (m, n) = self.config, self.shape
-        room = half_plane_size(m, n)
-        if not 0 < cfg.n_coeffs <= room:
-            raise ValueError(
-                f"n_coeffs={cfg.n_coeffs} must be in 1..{room} for s2ft on layer {self.name} ({m}x{n}): "
-                "one half-plane of the spectrum"
-            )
-        if not cfg.s2ft_gamma > 0:
-            raise ValueError(f"s2ft_gamma={cfg.s2ft_gamma} must be positive")
-        if cfg.s2ft_estimate_steps < 1:
-            raise ValueError(f"s2ft_estimate_steps={cfg.s2ft_estimate_steps} must be at least 1")
-        if cfg.init != "zeros":
-            raise ValueError(f"init={cfg.init!r}: s2ft starts from zero coefficients (its estimate is taken at W0)")
+    @classmethod
+    def coeff_capacity(cls, shape: tuple[int, int]) -> int:
+        """One half-plane: (u, v) and (-u, -v) are the same basis under Re(IFFT2) with real coefficients."""
+        return half_plane_size(*shape)
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        super().check_config(config, shape, name)
+        if not config.s2ft_gamma > 0:
+            raise ValueError(f"s2ft_gamma={config.s2ft_gamma} must be positive")
+        if config.s2ft_estimate_steps < 1:
+            raise ValueError(f"s2ft_estimate_steps={config.s2ft_estimate_steps} must be at least 1")
+        if config.init != "zeros":
+            raise ValueError(f"init={config.init!r}: s2ft starts from zero coefficients (its estimate is taken at W0)")
 
     # --- plan -----------------------------------------------------------------------------
     def local_plan(self, result: Any) -> Plan:
@@ -224,3 +225,12 @@ class S2FTAdapter(SparseSpectrumAdapter):
         rows = torch.arange(self.out_features, device=device) if row_ids is None else row_ids.to(device)
         latent = sparse_spectrum_rows(coeffs, self.rows, self.cols, self.shape, self.inv_row_perm[rows], self.kernel)
         return latent.index_select(-1, self.inv_col_perm)
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent spectrum's factors, rows and columns placed: dW[r, c] = latent[inv_row_perm[r], inv_col_perm[c]]."""
+        b, a = super().low_rank_factors()
+        return b[self.inv_row_perm.cpu()], a[:, self.inv_col_perm.cpu()]
+
+    def float64_rows(self) -> None:
+        """None: the permuted rows go through a float64 copy of the adapter."""
+        return None

@@ -1,6 +1,6 @@
-"""SMoA, Spectrum Modulation Adapter (Liu et al., arXiv 2605.21147; METHODS.md 5).
+"""SMoA, Spectrum Modulation Adapter (Liu et al., arXiv 2605.21147; docs/methods.md §5).
 
-Following the author code (misonsky/SMoA cpeft/tuners/smoa.py, as read in METHODS.md 5):
+Following the author code (misonsky/SMoA cpeft/tuners/smoa.py, as read in docs/methods.md §5):
 
 Plan (needs the dense weight): a float64 thin SVD W0 = U diag(s) V^T; each output coordinate i is
 scored by its energy-weighted mean singular index sum_j U[i,j]^2 s_j^2 j / sum_j U[i,j]^2 s_j^2, each
@@ -19,7 +19,7 @@ Count: sum_k r_k (|R_k| + |C_k|) = r (M + N) / K for K dividing r, M and N.
 Update: dW[R_k, C_k] = (alpha / r) (B_k A_k) ⊙ W0[R_k, C_k] with the *total* r, zero off the
 block diagonal; config.scale, when set, replaces alpha / r. No dropout (the code's lora_dropout).
 
-Anchors W0[R_k, C_k] are read from the base weight, never copied into the adapter (METHODS.md 11):
+Anchors W0[R_k, C_k] are read from the base weight, never copied into the adapter (docs/methods.md §11):
 saved adapters stay small, and a merged or re-planned model cannot pick up stale anchors. In
 forward they are sliced inside a forward hook on the base linear, i.e. while the base weight is
 materialised even under ZeRO-3, where DeepSpeed gathers it only for the base's own forward: the
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from megaspec.adapters.base import Adapter, Plan, dense_weight, is_quantized, layer_generator
+from megaspec.config import AdapterConfig
 from megaspec.spectral.lowrank import offsets, spectral_order, split_sizes
 
 
@@ -53,16 +54,23 @@ class SMoAAdapter(Adapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         (m, n), r, k = self.shape, self.config.rank, self.config.n_blocks
-        if not 0 < k <= min(m, n):
-            raise ValueError(f"n_blocks={k} must be in 1..{min(m, n)} for smoa on layer {self.name} ({m}x{n})")
-        if r < k:
-            raise ValueError(f"rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
         self.row_sizes, self.col_sizes = split_sizes(m, k), split_sizes(n, k)
         self.ranks = split_sizes(r, k)  # r // K each, one more for the first r % K blocks
-        self.scale = self.config.alpha / r if self.config.scale is None else float(self.config.scale)
+        self.scale = self.resolved_scale()
         self._capture = False
         self._live: list[torch.Tensor] | None = None
         self.base.register_forward_hook(self._grab_anchors)
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        (m, n), r, k = shape, config.rank, config.n_blocks
+        if not 0 < k <= min(m, n):
+            raise ValueError(f"n_blocks={k} must be in 1..{min(m, n)} for smoa on layer {name} ({m}x{n})")
+        if r < k:
+            raise ValueError(f"rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
+
+    def default_scale(self) -> float:
+        return self.config.alpha / self.config.rank
 
     # --- plan -----------------------------------------------------------------------------
     def plan_layer(self, weight: torch.Tensor | None) -> Plan:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ClassVar
+
 import numpy as np
 import torch
 
 from megaspec.adapters.base import Adapter, Plan, layer_generator, ortho_scale
+from megaspec.config import AdapterConfig
 from megaspec.spectral import sparse_spectrum_linear, sparse_spectrum_rows
-from megaspec.spectral.sparse import SpectrumIndex, spectrum_index
+from megaspec.spectral.sparse import SpectrumIndex, spectrum_factors, spectrum_index
 from megaspec.spectral.transforms import compute_dtype
 
 
@@ -49,6 +53,20 @@ class SparseSpectrumAdapter(Adapter):
     """n real coefficients at planned (row, col) frequencies; dW = scale * kernel-transform(S)."""
 
     kernel: str = "dht"
+    trains_coefficients = True
+    default_lr = 2e-2  # coefficients move unit-norm patterns of the weight (ortho_scale): a large step suits them
+    # appended to the n_coeffs range error, where the range has a reason
+    capacity_note: ClassVar[str] = ""
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        (m, n), room = shape, cls.coeff_capacity(shape)
+        if not 0 < config.n_coeffs <= room:
+            raise ValueError(f"n_coeffs={config.n_coeffs} must be in 1..{room} for {cls.method} on layer {name} ({m}x{n})"
+                             + cls.capacity_note)
+
+    def default_scale(self) -> float:
+        return ortho_scale(self.shape)
 
     def nominal_plan(self) -> Plan:
         n = self.config.n_coeffs
@@ -63,7 +81,7 @@ class SparseSpectrumAdapter(Adapter):
         else:
             raise ValueError(f"unknown init {self.config.init!r} for {self.method}; use 'zeros' or 'gaussian'")
         self.coeffs = self.new_parameter(make, (n,))
-        self.scale = ortho_scale(self.config.scale, self.shape)
+        self.scale = self.resolved_scale()
 
     def spectrum_index(self, dtype: torch.dtype) -> SpectrumIndex:
         """The fast path's index tensors for this plan, rebuilt only when rows/cols change (new plan, load, move)."""
@@ -82,3 +100,14 @@ class SparseSpectrumAdapter(Adapter):
     def delta_weight(self, row_ids: torch.Tensor | None = None) -> torch.Tensor:
         coeffs = self.coeffs.detach().float() * self.scale
         return sparse_spectrum_rows(coeffs, self.rows, self.cols, self.shape, row_ids, self.kernel)
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        coeffs = self.coeffs.detach().double().cpu() * self.scale
+        return spectrum_factors(coeffs, self.rows, self.cols, self.shape, self.kernel)
+
+    def float64_rows(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Float64 coefficients through sparse_spectrum_rows: delta_weight's fp32 path forms the angles
+        2 pi a u / M without reducing a u mod M (relative error 5e-4 at M = 4096, 4e-3 at 28672)."""
+        coeffs = self.coeffs.detach().double().cpu() * self.scale
+        rows, cols = self.rows.cpu(), self.cols.cpu()
+        return lambda ids: sparse_spectrum_rows(coeffs, rows, cols, self.shape, ids.cpu(), self.kernel)

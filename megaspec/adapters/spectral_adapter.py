@@ -1,4 +1,4 @@
-"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): tune the top-r singular vectors of W0 (METHODS.md 6).
+"""Spectral Adapter (Zhang & Pilanci, NeurIPS 2024): tune the top-r singular vectors of W0 (docs/methods.md §6).
 
 Plan (both variants, needs the dense weight): W0 = U S V^T by a float64 thin SVD; keep the top r
 as buffers U1 (M x r), S1 (r), V1 (N x r), signs fixed so that the largest-|.| entry of every
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from megaspec.adapters.base import Adapter, Plan
+from megaspec.config import AdapterConfig
 from megaspec.spectral.lowrank import cayley, top_singular
 
 
@@ -43,10 +44,13 @@ class SpectralAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        r, (m, n) = self.config.rank, self.shape
+        self.scale = self.resolved_scale()
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        r, (m, n) = config.rank, shape
         if not 0 < r <= min(m, n):
-            raise ValueError(f"rank={r} must be in 1..{min(m, n)} for {self.method} on layer {self.name} ({m}x{n})")
-        self.scale = 1.0 if self.config.scale is None else float(self.config.scale)
+            raise ValueError(f"rank={r} must be in 1..{min(m, n)} for {cls.method} on layer {name} ({m}x{n})")
 
     def plan_layer(self, weight: torch.Tensor | None) -> Plan:
         u1, s1, v1 = top_singular(weight, self.config.rank)
@@ -87,6 +91,12 @@ class SpectralAdditiveAdapter(SpectralAdapter):
             u1, b = u1[row_ids], b[row_ids]
         return ((u1 + b) * s) @ a + (b * s) @ v1.T
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dW = (U1 + B) S A + B S V1^T as [(U1 + B) S, B S] [A; V1^T] (rank <= 2r)."""
+        a, b = self.spectral_A.detach().double().cpu(), self.spectral_B.detach().double().cpu()
+        u1, v1, s = self.U1.double().cpu(), self.V1.double().cpu(), self.S1.double().cpu() * self.scale
+        return torch.cat([(u1 + b) * s, b * s], dim=1), torch.cat([a, v1.T], dim=0)
+
 
 class SpectralRotationAdapter(SpectralAdapter):
     """Spectral Adapter^R: rotate U1, V1 by Cayley-orthogonal Q_U, Q_V and rescale S1 by c."""
@@ -121,6 +131,12 @@ class SpectralRotationAdapter(SpectralAdapter):
             core = self.core(dtype)
         u1 = self.U1.to(dtype) if row_ids is None else self.U1[row_ids].to(dtype)
         return (u1 @ core) @ self.V1.to(dtype).T
+
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """dW = (U1 C) V1^T with the r x r core C."""
+        with torch.no_grad():
+            core = self.core(torch.float64).cpu()
+        return self.U1.double().cpu() @ core, self.V1.double().cpu().T
 
     def rotated(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current singular bases (U1 Q_U, V1 Q_V), orthonormal by construction."""

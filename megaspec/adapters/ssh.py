@@ -1,9 +1,9 @@
 """SSH: sparse spectrum adaptation via the discrete Hartley transform (Shen et al., NAACL 2025).
 
-dW = scale * IDHT2(S) with n trainable coefficients at planned positions (METHODS.md 2).
+dW = scale * IDHT2(S) with n trainable coefficients at planned positions (docs/methods.md §2).
 Positions: a fraction `energy_ratio` by DHT energy of W0, the rest uniformly at random (seeded).
 
-Choices (METHODS.md 2.2-2.4, all recorded here because the paper body was not reachable):
+Choices (docs/methods.md §2.2-2.4, all recorded here because the paper body was not reachable):
 - kernel: the true non-separable 2-D DHT by default; `separable=True` for the released code's
   rows-then-columns transform.
 - energy: ortho-normalised H^2 / (M N), so by Parseval a layer's energies sum to ||W0||_F^2 and
@@ -34,6 +34,7 @@ import torch
 
 from megaspec.adapters.base import Adapter, Plan, layer_generator
 from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter, positions_plan, sample_positions
+from megaspec.config import AdapterConfig
 from megaspec.spectral import dht2_energy_topk
 
 
@@ -44,13 +45,14 @@ class SSHAdapter(SparseSpectrumAdapter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kernel = "dht_separable" if self.config.separable else "dht"
-        cfg, (m, n) = self.config, self.shape
-        if cfg.selection not in ("global", "per_layer"):
-            raise ValueError(f"selection={cfg.selection!r}; use 'global' or 'per_layer'")
-        if not 0.0 <= cfg.energy_ratio <= 1.0:
-            raise ValueError(f"energy_ratio={cfg.energy_ratio} must be within [0, 1]")
-        if not 0 < cfg.n_coeffs <= m * n:
-            raise ValueError(f"n_coeffs={cfg.n_coeffs} must be in 1..{m * n} for layer {self.name} ({m}x{n})")
+
+    @classmethod
+    def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
+        if config.selection not in ("global", "per_layer"):
+            raise ValueError(f"selection={config.selection!r}; use 'global' or 'per_layer'")
+        if not 0.0 <= config.energy_ratio <= 1.0:
+            raise ValueError(f"energy_ratio={config.energy_ratio} must be within [0, 1]")
+        super().check_config(config, shape, name)
 
     def energy_budget(self) -> int:
         """Energy-chosen positions in this layer's selection pool (all layers' in global mode)."""
@@ -112,7 +114,7 @@ def _floor_and_take(adapters: dict[str, Adapter]) -> tuple[int, int]:
 
 
 def _global_energy_positions(adapters: dict[str, Adapter], results: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Per-layer floor, then the global top scores across layers (METHODS.md 2.4)."""
+    """Per-layer floor, then the global top scores across layers (docs/methods.md §2.4)."""
     names = list(adapters)
     floor, take = _floor_and_take(adapters)
     chosen = {name: results[name]["positions"][:floor] for name in names}

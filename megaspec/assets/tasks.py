@@ -127,7 +127,7 @@ def exact_match(prediction: str, answers: list[str]) -> bool:
 @torch.no_grad()
 def score(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], max_new_tokens: int = 4) -> dict[str, Any]:
     """Exact-match accuracy of the model's greedy completions of held-out records (tokenized as in training)."""
-    from megaspec.export.inference import complete
+    from megaspec.export.generate import complete
 
     was_training = model.training
     model.eval()

@@ -55,7 +55,7 @@ class Setting:
         return AdapterConfig(method=self.method, target_modules=list(self.targets), **{**self.fields, **overrides})
 
 
-# METHODS.md §8 and the brief: the settings each paper reports for LLaMA-class models.
+# docs/methods.md §8: the settings each paper reports for LLaMA-class models.
 PAPER_SETTINGS: dict[str, list[Setting]] = {
     "ssh": [Setting("ssh n=750", "ssh", {"n_coeffs": 750})],
     "fourierft": [Setting("fourierft n=1000", "fourierft", {"n_coeffs": 1000})],
@@ -75,9 +75,7 @@ def registered_methods() -> list[str]:
 
 def is_sparse_spectrum(method: str) -> bool:
     """Whether the method trains n spectral coefficients per layer (ssh, fourierft, s2ft, ...)."""
-    from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
-
-    return issubclass(ADAPTERS[method], SparseSpectrumAdapter)
+    return ADAPTERS[method].trains_coefficients
 
 
 def default_setting(method: str) -> Setting:

@@ -9,9 +9,9 @@ the held-out perplexity of each against the bases alone:
 - `export --format merged --merge_base original`: the original fp32 weights + the update (default);
 - `export --format peft` loaded with PeftModel on the original fp32 base (equals the row above).
 
-Training: `launch/train.py` on one CPU rank under ds_configs/zero3.json, SSH with --n-coeffs per
-layer on q_proj,v_proj, --steps steps of 4 x --seq-len tokens from --dataset. Held out: the first
---eval-blocks blocks of the dataset's test file (prompt + answer as plain text, every token scored),
+Training: `launch/train.py` on one CPU rank under ds_configs/zero3.json, SSH with --n_coeffs per
+layer on q_proj,v_proj, --steps steps of 4 x --seq_len tokens from --dataset. Held out: the first
+--eval_blocks blocks of the dataset's test file (prompt + answer as plain text, every token scored),
 never trained on.
 """
 
@@ -86,7 +86,7 @@ def run(folder: str, dataset: str, quantize: str = "nf4", steps: int = 12, seq_l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from megaspec.export.inference import load_for_inference
+    from megaspec.export.generate import load_for_inference
     from megaspec.quant import bnb_config, prepare_quantized
 
     blocks = held_out_blocks(folder, dataset, seq_len, eval_blocks)

@@ -53,7 +53,7 @@ from megaspec.benchmarks.common import (
     registered_methods,
     table,
 )
-from megaspec.dist import plan_adapters
+from megaspec.distributed import plan_adapters
 from megaspec.spectral import dense_update
 
 BASE = "frozen base alone"

@@ -70,8 +70,8 @@ class Data:
 
 def load_data(seed: int = 0) -> Data:
     """The embedded instruction task with the embedded tokenizer (deterministic)."""
-    from megaspec.tiny import embedded_tokenizer
     from megaspec.train.data import DataConfig, build_datasets
+    from megaspec.train.embedded import embedded_tokenizer
 
     train, held = build_datasets(DataConfig(seq_len=SEQ_LEN, seed=seed, format="instruction", eval_fraction=EVAL_FRACTION),
                                  embedded_tokenizer())
@@ -145,7 +145,7 @@ def adapt(model: nn.Module, row: Row, seed: int, data: Data) -> nn.Module:
         from megaspec.train.data import batch_iterator
 
         config = AdapterConfig(method=row.method, target_modules=list(TARGETS), seed=seed, **row.fields)
-        if getattr(adapter_class(row.method), "needs_calibration", False):
+        if adapter_class(row.method).needs_calibration:
             batches = batch_iterator(data.train, BATCH, seed)
             apply_adapters(model, config, calibration=[next(batches) for _ in range(config.s2ft_estimate_steps)])
         else:

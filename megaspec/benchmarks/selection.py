@@ -13,7 +13,7 @@ Three measurements, each in a fresh process (peak RSS is per process; tracemallo
 3. ranks: plan_adapters on a small ZeRO-3 model (4 layers of 2048 x 2048) on 1 and 2 CPU ranks
    (gloo), wall time and peak per rank.
 
-Extrapolation to a whole model: layers are spread by megaspec.dist.assign_layers; a rank's planning
+Extrapolation to a whole model: layers are spread by megaspec.distributed.assign_layers; a rank's planning
 time is the sum of its layers' measured times (max over ranks reported), its peak is its largest
 layer's; every rank receives only the picks, floor(energy_ratio * n * L) candidates in all, 12 bytes
 each (fp32 score + int64 position), before pickling; a rank holds at most that many plus one
@@ -36,7 +36,7 @@ from torch import nn
 
 from megaspec.benchmarks.common import decoder_linear_shapes, llama_config, run_rank_processes, table
 from megaspec.config import AdapterConfig
-from megaspec.dist import assign_layers
+from megaspec.distributed import assign_layers
 
 CANDIDATE_BYTES = 12  # fp32 score + int64 flat position
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -220,7 +220,7 @@ def _rank_main(spec_path: str) -> None:
     import deepspeed
 
     from megaspec.adapters.ssh import SSHAdapter
-    from megaspec.dist import plan_adapters
+    from megaspec.distributed import plan_adapters
 
     spec = json.loads(Path(spec_path).read_text())
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)

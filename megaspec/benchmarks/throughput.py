@@ -71,7 +71,7 @@ def build(config: Any, setting: Setting, device: torch.device, dtype: torch.dtyp
     model.config.use_cache = False
     model.requires_grad_(False)
     if setting.method:
-        if getattr(adapter_class(setting.method), "needs_calibration", False):
+        if adapter_class(setting.method).needs_calibration:
             batch = random_batch(config, 1, 128, device)
             apply_adapters(model, setting.config(), calibration=[batch])
         else:
@@ -104,8 +104,8 @@ def build_zero3(config: Any, setting: Setting, dtype: torch.dtype, ds_config: di
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from megaspec.distributed.group import init_distributed
     from megaspec.model import apply_adapters
-    from megaspec.train.loop import init_distributed
 
     init_distributed()
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def _calibration(config: Any, setting: Setting, model: nn.Module) -> list[dict[s
     """One batch of random tokens for methods planned on activations (S2FT), else None."""
     from megaspec.adapters import adapter_class
 
-    if not getattr(adapter_class(setting.method), "needs_calibration", False):
+    if not adapter_class(setting.method).needs_calibration:
         return None
     return [random_batch(config, 1, 128, next(model.parameters()).device)]
 

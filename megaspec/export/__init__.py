@@ -2,7 +2,7 @@
 
     export("runs/X", "out/merged", "merged")          # base + update, sharded safetensors
     export("runs/X", "out/peft", "peft")              # PeftModel.from_pretrained(base, "out/peft")
-    export("runs/X", "out/peft16", "peft", rank=16)   # truncated LoRA (vLLM's max_lora_rank)
+    export("runs/X", "out/peft16", "peft", lora_rank=16)   # truncated LoRA (vLLM's max_lora_rank)
     export("runs/X", "out/native", "megaspec")        # the adapter folder + model_card.json
 
 Every format is written into a hidden temp folder beside `out` and renamed at the end, so a failed
@@ -12,7 +12,6 @@ it; rank 0 writes).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megaspec.dist.comm import rank as process_rank
+from megaspec.distributed.comm import rank as process_rank
 from megaspec.export.merged import DEFAULT_SHARD_BYTES, write_merged
 from megaspec.export.native import export_native
 from megaspec.export.peft_format import export_peft
@@ -29,22 +28,6 @@ from megaspec.export.sources import CheckpointSource, ModelSource, Source, local
 
 FORMATS = ("merged", "peft", "megaspec")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def init_ranks() -> None:
-    """Join the launcher's process group (NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1.
-
-    Plain torch.distributed, not deepspeed.init_distributed: export needs only gather and
-    gather_object, and on CPU DeepSpeed's communication setup builds a shared-memory
-    all-reduce and leaves two 66 MB /dev/shm buffers per rank behind.
-    """
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def open_source(run: Run) -> Source:
@@ -117,7 +100,7 @@ def export(
     run_dir: str | Path,
     out: str | Path,
     format: str,
-    rank: int | None = None,
+    lora_rank: int | None = None,
     dtype: str | None = None,
     adapter: str | Path | None = None,
     as_lora: bool = False,
@@ -135,7 +118,7 @@ def export(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if rank is not None and (format != "peft" or rank < 1):
+    if lora_rank is not None and (format != "peft" or lora_rank < 1):
         raise ExportError("--rank takes a positive rank and applies to --format peft only")
     if merge_base is not None and format != "merged":
         raise ExportError("--merge_base applies to --format merged only (a peft or megaspec adapter carries no base)")
@@ -153,7 +136,7 @@ def export(
             if folder is not None:
                 write_model_files(run, folder, torch_dtype)
         elif format == "peft":
-            report = export_peft(run, adapters, folder, rank, as_lora, torch_dtype or torch.float32, lambda: open_source(run))
+            report = export_peft(run, adapters, folder, lora_rank, as_lora, torch_dtype or torch.float32, lambda: open_source(run))
         else:
             report = export_native(run, folder) if folder is not None else {}
     report.update(format=format, out=str(out), seconds=time.perf_counter() - start, method=run.adapter_config.method)
@@ -185,4 +168,4 @@ def describe(report: dict[str, Any]) -> str:
     return "\n".join([*lines, f"{head} -> {report['out']} in {report['seconds']:.1f} s"])
 
 
-__all__ = ["DTYPES", "FORMATS", "ExportError", "describe", "export", "init_ranks", "open_run"]
+__all__ = ["DTYPES", "FORMATS", "ExportError", "describe", "export", "open_run"]

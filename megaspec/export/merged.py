@@ -3,7 +3,7 @@
 Nothing holds a full model: the base is read one tensor at a time; the writer (rank 0) holds one
 output shard and one layer. With several ranks each rank reconstructs only its contiguous block
 of every adapted layer's rows (`delta_weight(row_ids)`: one 1-D transform per row for the
-spectral methods, METHODS.md 1.4), and the blocks are gathered to the writer.
+spectral methods, docs/methods.md §1.4), and the blocks are gathered to the writer.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from safetensors.torch import save_file
 
 from megaspec.adapters import Adapter
-from megaspec.dist.comm import rank, world_size
+from megaspec.distributed.comm import rank, world_size
 from megaspec.export.run import ExportError, update_rows
 from megaspec.export.sources import INDEX_NAME, SINGLE_NAME, Source
 
@@ -53,11 +53,11 @@ def gather_rows(part: torch.Tensor, m: int) -> torch.Tensor | None:
     if world == 1:
         return part
     size, n = -(-m // world), part.shape[1]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else torch.device("cpu")
     padded = torch.zeros(size, n, dtype=part.dtype, device=device)
     padded[: part.shape[0]] = part
     bucket = [torch.empty_like(padded) for _ in range(world)] if rank() == 0 else None
-    dist.gather(padded, bucket, dst=0)
+    torch_dist.gather(padded, bucket, dst=0)
     return torch.cat(bucket, dim=0)[:m].cpu() if bucket is not None else None
 
 

@@ -6,7 +6,7 @@
   one `scaling`).
 - LoRA as trained (r, lora_alpha, A, B).
 - Any other method, or any method with --lora / --rank, as LoRA from a factorisation dW = B A:
-  exact for the structured updates (lowrank.py: SSH and FourierFT rank <= 2 * #distinct
+  exact for the structured updates (Adapter.low_rank_factors: SSH and FourierFT rank <= 2 * #distinct
   frequencies, LoRA, Spectral Adapter), an exact SVD from row blocks otherwise; B A is reduced
   to its numerical rank, or truncated to --rank r. lora_alpha = r everywhere (scaling 1), with
   rank_pattern / alpha_pattern for per-layer exact ranks. Each layer's relative residual
@@ -24,14 +24,10 @@ import torch
 from safetensors.torch import save_file
 
 from megaspec.adapters import Adapter
-from megaspec.adapters.fourierft import FourierFTAdapter
-from megaspec.adapters.lora import LoRAAdapter
-from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
-from megaspec.adapters.spectral_adapter import SpectralAdditiveAdapter, SpectralRotationAdapter
-from megaspec.dist.assign import assign_layers
-from megaspec.dist.comm import rank as process_rank
-from megaspec.dist.comm import world_size
-from megaspec.export.lowrank import LowRank, compress, residual, spectrum_factors, svd_by_rows
+from megaspec.distributed.assign import assign_layers
+from megaspec.distributed.comm import gather_to_rank0, world_size
+from megaspec.distributed.comm import rank as process_rank
+from megaspec.export.factors import LowRank, compress, residual, svd_by_rows
 from megaspec.export.run import ExportError, Run, update_rows
 from megaspec.export.sources import Source
 
@@ -39,96 +35,47 @@ PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
 
 
-STRUCTURED = (SparseSpectrumAdapter, LoRAAdapter, SpectralAdditiveAdapter, SpectralRotationAdapter)
-
-
-def structured(adapter: Adapter) -> bool:
-    """Whether exact_factors knows this adapter's update structure."""
-    return callable(getattr(adapter, "low_rank_factors", None)) or isinstance(adapter, STRUCTURED)
-
-
-def exact_factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """An exact (B, A) with dW = B A from the method's structure (scale included), or None if unknown.
-
-    An adapter may provide `low_rank_factors()` itself; the known methods are handled here.
-    """
-    own = getattr(adapter, "low_rank_factors", None)
-    if callable(own):
-        return own()
-    with torch.no_grad():
-        if isinstance(adapter, SparseSpectrumAdapter):
-            coeffs = adapter.coeffs.detach().double().cpu() * adapter.scale
-            b, a = spectrum_factors(coeffs, adapter.rows, adapter.cols, adapter.shape, adapter.kernel)
-            # S2FT's spectrum lives in a permuted domain: dW[r, c] = latent[inv_row_perm[r], inv_col_perm[c]]
-            inv_rows, inv_cols = getattr(adapter, "inv_row_perm", None), getattr(adapter, "inv_col_perm", None)
-            b = b[inv_rows.cpu()] if inv_rows is not None else b
-            a = a[:, inv_cols.cpu()] if inv_cols is not None else a
-            return b, a
-        if isinstance(adapter, LoRAAdapter):
-            return adapter.lora_B.detach().double().cpu() * adapter.scale, adapter.lora_A.detach().double().cpu()
-        if isinstance(adapter, SpectralAdditiveAdapter):
-            a, b = adapter.spectral_A.detach().double().cpu(), adapter.spectral_B.detach().double().cpu()
-            u1, v1 = adapter.U1.double().cpu(), adapter.V1.double().cpu()
-            s = adapter.S1.double().cpu() * adapter.scale
-            # dW = (U1 + B) S A + B S V1^T
-            return torch.cat([(u1 + b) * s, b * s], dim=1), torch.cat([a, v1.T], dim=0)
-        if isinstance(adapter, SpectralRotationAdapter):
-            core = adapter.core(torch.float64).cpu()
-            return adapter.U1.double().cpu() @ core, adapter.V1.double().cpu().T
-    return None
-
-
-def factor_layer(adapter: Adapter, weight: torch.Tensor | None, rank: int | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """LoRA factors (in `dtype`) of one layer at its exact rank (rank None) or `rank`, with the measured residual.
+def factor_layer(adapter: Adapter, weight: torch.Tensor | None, lora_rank: int | None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """LoRA factors (in `dtype`) of one layer at its exact rank (lora_rank None) or `lora_rank`, with the measured residual.
 
     The SVD and the residual use float64 rows of dW (update_rows), so the residual is that of the
     exported factors, rounding to `dtype` included.
     """
     rows = update_rows(adapter, weight)
-    exact = exact_factors(adapter)
+    with torch.no_grad():
+        exact = adapter.low_rank_factors()
     low: LowRank = compress(*exact) if exact is not None else svd_by_rows(rows, adapter.shape)
-    r = max(low.rank, 1) if rank is None else rank
+    r = max(low.rank, 1) if lora_rank is None else lora_rank
     b, a = (f.to(dtype) for f in low.factors(r))
     how = "structured" if exact is not None else "svd"
     return {"B": b, "A": a, "exact_rank": low.rank, "rank": r, "residual": residual(rows, b, a), "how": how}
 
 
 def lora_factors(
-    adapters: dict[str, Adapter], rank: int | None, open_source: Callable[[], Source] | None, dtype: torch.dtype = torch.float32
+    adapters: dict[str, Adapter], lora_rank: int | None, open_source: Callable[[], Source] | None, dtype: torch.dtype = torch.float32
 ) -> dict[str, dict[str, Any]]:
     """Every layer's factors on rank 0 (empty elsewhere); layers are spread over ranks. Collective.
 
-    Layers without a known structure get their frozen weight attached (SMoA reads W0), read from
-    `open_source()` in layer order on every rank (a gather under ZeRO-3).
+    Layers whose update reads the frozen weight (SMoA) get it attached, read from `open_source()` in
+    layer order on every rank (a gather under ZeRO-3).
     """
     names = list(adapters)
     owners = dict(zip(names, assign_layers([adapters[n].shape[0] * adapters[n].shape[1] for n in names], world_size()), strict=True))
-    unstructured = [n for n in names if not structured(adapters[n])]
-    source = open_source() if unstructured and open_source is not None else None
+    reading = [n for n in names if adapters[n].update_reads_weight]
+    source = open_source() if reading and open_source is not None else None
     local = {}
     for name in names:
         mine = owners[name] == process_rank()
         weight = None
-        if name in unstructured and source is not None:
+        if name in reading and source is not None:
             raw = source.read(f"{name}.weight", wanted=mine)
             weight = raw.float() if raw is not None else None
         if mine:
-            local[name] = factor_layer(adapters[name], weight, rank, dtype)
+            local[name] = factor_layer(adapters[name], weight, lora_rank, dtype)
     results: dict[str, dict[str, Any]] = {}
-    for part in gather_to_writer(local):
+    for part in gather_to_rank0(local) or []:
         results.update(part)
     return {name: results[name] for name in names if name in results}
-
-
-def gather_to_writer(obj: Any) -> list[Any]:
-    """Every rank's `obj` on rank 0, in rank order ([] elsewhere): factors travel once, not to every rank."""
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] | None = [None] * world_size() if process_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
 
 
 def _lora_config(run: Run, r: int, alpha: float, rank_pattern: dict[str, int], alpha_pattern: dict[str, float]) -> Any:
@@ -173,7 +120,7 @@ def peft_fourierft_positions(shape: tuple[int, int], count: int, seed: int) -> t
     return torch.randperm(m * n, generator=torch.Generator().manual_seed(seed))[:count]
 
 
-def fourierft_spectrum(adapter: FourierFTAdapter, seed: int) -> torch.Tensor:
+def fourierft_spectrum(adapter: Adapter, seed: int) -> torch.Tensor:
     """The coefficients in peft's draw order; ExportError if peft would draw other positions."""
     m, n = adapter.shape
     flat, order = (adapter.rows.cpu() * n + adapter.cols.cpu()).sort()
@@ -213,7 +160,7 @@ def export_peft(
     run: Run,
     adapters: dict[str, Adapter],
     folder: Path | None,
-    rank: int | None = None,
+    lora_rank: int | None = None,
     as_lora: bool = False,
     dtype: torch.dtype = torch.float32,
     open_source: Callable[[], Source] | None = None,
@@ -225,16 +172,16 @@ def export_peft(
         raise ExportError("--format peft needs the peft package (pip install peft)") from e
     method = run.adapter_config.method
     factors: dict[str, dict[str, Any]] = {}
-    if method == "fourierft" and rank is None and not as_lora:
+    if method == "fourierft" and lora_rank is None and not as_lora:
         config, tensors = fourierft_as_peft(run, adapters, dtype)
         kind = "fourierft"
-    elif method == "lora" and rank is None:
+    elif method == "lora" and lora_rank is None:
         config, tensors = lora_as_trained(run, adapters, dtype)
         kind = "lora (as trained)"
     else:
-        factors = lora_factors(adapters, rank, open_source, dtype)
+        factors = lora_factors(adapters, lora_rank, open_source, dtype)
         config, tensors = lora_from_factors(run, factors, dtype) if factors else (None, {})  # empty off rank 0
-        kind = "lora (exact rank)" if rank is None else f"lora (rank {rank})"
+        kind = "lora (exact rank)" if lora_rank is None else f"lora (rank {lora_rank})"
     if folder is not None and config is not None:
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})

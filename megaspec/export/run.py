@@ -21,11 +21,9 @@ import torch
 from torch import nn
 
 from megaspec.adapters import Adapter
-from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
 from megaspec.config import AdapterConfig
-from megaspec.dist.comm import rank
+from megaspec.distributed.comm import rank
 from megaspec.model import CONFIG_NAME, LAYERS_NAME, WEIGHTS_NAME, adapters_of, load_adapter
-from megaspec.spectral import sparse_spectrum_rows
 
 
 class ExportError(ValueError):
@@ -198,16 +196,12 @@ def attached(adapter: Adapter, weight: torch.Tensor | None) -> Iterator[Adapter]
 def update_rows(adapter: Adapter, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """row_ids -> rows of dW in float64 on CPU (scale included): the reference for merging and factoring.
 
-    Plain sparse-spectrum rows (SSH, FourierFT) go through sparse_spectrum_rows with float64
-    coefficients, because SparseSpectrumAdapter.delta_weight casts them to fp32 and the fp32 path
-    forms the angles 2 pi a u / M without reducing a u mod M (relative error 5e-4 at M = 4096,
-    4e-3 at 28672). Other methods (and subclasses with their own delta_weight, such as S2FT) use
-    a float64 copy of the adapter, with `weight` (W0, for updates that read it) attached.
+    The adapter's own float64 path where it has one (Adapter.float64_rows: SSH, FourierFT), else a
+    float64 copy of the adapter, with `weight` (W0, for updates that read it) attached.
     """
-    if type(adapter).delta_weight is SparseSpectrumAdapter.delta_weight:
-        coeffs = adapter.coeffs.detach().double().cpu() * adapter.scale
-        rows, cols = adapter.rows.cpu(), adapter.cols.cpu()
-        return lambda ids: sparse_spectrum_rows(coeffs, rows, cols, adapter.shape, ids.cpu(), adapter.kernel)
+    exact = adapter.float64_rows()
+    if exact is not None:
+        return exact
     reference = copy.deepcopy(adapter).double()
 
     def compute(ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from megaspec.adapters import dense_weight, is_quantized
-from megaspec.dist import gather_params
+from megaspec.distributed import gather_params
 from megaspec.export.run import ExportError
 
 INDEX_NAME = "model.safetensors.index.json"

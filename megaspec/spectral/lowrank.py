@@ -1,4 +1,4 @@
-"""Pure low-rank / SVD math for Spectral Adapter (^A, ^R) and SMoA (METHODS.md 5, 6).
+"""Pure low-rank / SVD math for Spectral Adapter (^A, ^R) and SMoA (docs/methods.md §5, 6).
 
 Every SVD runs in float64 whatever the input dtype: the top factors and the coordinate scores are
 then far more accurate than the fp32 weight they come from, so rounding noise does not decide a
@@ -53,7 +53,7 @@ def spectral_index_scores(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     With W = U diag(s) V^T (float64 thin SVD) and j = 0, 1, ... the singular index:
         row i:    sum_j U[i,j]^2 s_j^2 j / sum_j U[i,j]^2 s_j^2
         column b: sum_j V[b,j]^2 s_j^2 j / sum_j V[b,j]^2 s_j^2
-    (misonsky/SMoA cpeft/tuners/smoa.py as read in METHODS.md 5; a 1-based j only shifts every score
+    (misonsky/SMoA cpeft/tuners/smoa.py as read in docs/methods.md §5; a 1-based j only shifts every score
     by one). The denominators are the squared row/column norms of W; an all-zero row or column
     scores 0 (its denominator is clamped to the smallest positive float64).
     """

@@ -1,13 +1,13 @@
 """Sparse-spectrum linear maps: y = x @ dW.T without allocating the M x N update dW (but in tiny layers).
 
 A sparse spectrum holds n real coefficients c_j at (row frequency u_j, column frequency v_j).
-Three kernels are supported (METHODS.md 1.2):
+Three kernels are supported (docs/methods.md §1.2):
 
     "dht"           dW = DHT2(S)/(MN)            true 2-D Hartley (SSH)
     "dht_separable" dW = DHT2_sep(S)/(MN)        separable Hartley (SSH's released code)
     "fourier"       dW = Re(IFFT2(S))            FourierFT (HF peft)
 
-The fast forward (DESIGN.md "key math", METHODS.md 1.3) uses one real FFT of each token, a gather
+The fast forward (docs/design.md "Key math", docs/methods.md §1.3) uses one real FFT of each token, a gather
 of n columns, a scatter of n rows and one inverse real FFT: O(B (M + N) log) per layer.
 """
 
@@ -28,7 +28,7 @@ def _check_kernel(kernel: str) -> None:
         raise ValueError(f"unknown spectral kernel {kernel!r}; expected one of {KERNELS}")
 
 
-# The forward of all three kernels (METHODS.md 1.3): gather the full FFT of x at the columns,
+# The forward of all three kernels (docs/methods.md §1.3): gather the full FFT of x at the columns,
 # F[v] = re + i im, mix it into (p, q), and y = Re(IFFT_M(sum_j c_j (p_j + i q_j) e_{u_j})) / N.
 #   dht:           p + iq = H[v] - i H[-v],  H[v] = re - im, H[-v] = re + im
 #   fourier:       p + iq = conj(F[v])
@@ -273,7 +273,7 @@ def sparse_spectrum_rows(
 ) -> torch.Tensor:
     """Rows `row_ids` (default all) of the dense update dW, one length-N transform per row.
 
-    METHODS.md 1.4: A_a[v] = sum_{v_j = v} c_j cos(theta_aj), B_a[v] = sum c_j sin(theta_aj);
+    docs/methods.md §1.4: A_a[v] = sum_{v_j = v} c_j cos(theta_aj), B_a[v] = sum c_j sin(theta_aj);
     dW[a] = DHT_N(A_a + R B_a)/(MN) (R reverses v -> -v), or N Re(IFFT_N(A_a + i B_a))/(MN) for
     FourierFT. Memory is O(block * (n + N)): merging a sharded or quantized base never needs the
     full M x N update on one rank.
@@ -319,3 +319,67 @@ def dense_update(
     if kernel == "fourier":
         return torch.fft.ifft2(s).real
     return idht2(s, separable=kernel == "dht_separable")
+
+
+# --- exact low-rank factors (docs/methods.md §1.3, "explicit bases") -----------------------------
+#
+#     cas(t + p) = cos t cas p + sin t cas(-p)          (SSH, "dht")
+#     cos(t + p) = cos t cos p - sin t sin p            (FourierFT, "fourier")
+#     cas t cas p                                       (SSH's released code, "dht_separable")
+#
+# so dW = Cos_u diag(c) G1_v^T + Sin_u diag(c) G2_v^T has rank <= 2 * #distinct(u). Positions with
+# the same row frequency share their Cos/Sin columns, and so do u and -u (cos is even, sin is odd),
+# so grouping gives rank <= 2 * #distinct(min(u, M - u)); the same holds by columns, and the
+# smaller of the two is taken.
+
+
+def _fold(freq: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min(f, size - f), +1 or -1): cos of the two frequencies agree, sin flips sign."""
+    folded = torch.minimum(freq, (size - freq) % size)
+    return folded, torch.where(freq == folded, 1.0, -1.0).double()
+
+
+def _group_by_rows(
+    coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact (B, A) of the sparse-spectrum update with one (or two) columns of B per distinct row frequency."""
+    m, n = shape
+    c = coeffs.double()
+    a_idx = torch.arange(m, dtype=torch.float64)
+    phi = (2 * math.pi / n) * torch.outer(cols.double(), torch.arange(n, dtype=torch.float64))  # (n_coeffs, N)
+    if kernel == "dht_separable":
+        classes, which = torch.unique(rows, return_inverse=True)
+        theta = (2 * math.pi / m) * torch.outer(a_idx, classes.double())
+        right = torch.zeros(classes.numel(), n, dtype=torch.float64).index_add_(0, which, c[:, None] * (phi.cos() + phi.sin()))
+        return theta.cos() + theta.sin(), right / (m * n)
+    folded, sign = _fold(rows, m)
+    classes, which = torch.unique(folded, return_inverse=True)
+    if kernel == "dht":  # cas(t + p) = cos t cas p + sin t cas(-p)
+        g1, g2 = phi.cos() + phi.sin(), phi.cos() - phi.sin()
+    else:  # cos(t + p) = cos t cos p - sin t sin p
+        g1, g2 = phi.cos(), -phi.sin()
+    zeros = torch.zeros(classes.numel(), n, dtype=torch.float64)
+    right_cos = zeros.index_add(0, which, c[:, None] * g1)
+    right_sin = zeros.index_add(0, which, (c * sign)[:, None] * g2)
+    theta = (2 * math.pi / m) * torch.outer(a_idx, classes.double())
+    has_sin = (classes != 0) & (2 * classes != m)  # sin(2 pi a u / M) vanishes for u = 0 and u = M/2
+    left = torch.cat([theta.cos(), theta.sin()[:, has_sin]], dim=1)
+    right = torch.cat([right_cos, right_sin[has_sin]], dim=0)
+    return left, right / (m * n)
+
+
+def spectrum_factors(
+    coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float64 (B, A) of dW = kernel-transform(S)/(M N), grouped by rows or by columns, whichever is smaller.
+
+    The kernels are symmetric in (row, column), so grouping by columns is grouping the rows of dW^T.
+    """
+    if kernel not in ("dht", "dht_separable", "fourier"):
+        raise ValueError(f"unknown spectral kernel {kernel!r}")
+    rows, cols = rows.long().cpu(), cols.long().cpu()
+    by_rows = _group_by_rows(coeffs.cpu(), rows, cols, shape, kernel)
+    by_cols_t = _group_by_rows(coeffs.cpu(), cols, rows, (shape[1], shape[0]), kernel)
+    if by_cols_t[0].shape[1] < by_rows[0].shape[1]:
+        return by_cols_t[1].T, by_cols_t[0].T
+    return by_rows

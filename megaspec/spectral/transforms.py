@@ -1,4 +1,4 @@
-"""Discrete Hartley transforms via the FFT (METHODS.md 1.1), fp32 inside for half-precision input."""
+"""Discrete Hartley transforms via the FFT (docs/methods.md §1.1), fp32 inside for half-precision input."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def idht2(spectrum: torch.Tensor, separable: bool = False) -> torch.Tensor:
 
 
 def dht2_energy(weight: torch.Tensor, separable: bool = False) -> torch.Tensor:
-    """Ortho-normalised DHT energy H^2/(M N); by Parseval it sums to ||W||_F^2 (METHODS.md 2.4)."""
+    """Ortho-normalised DHT energy H^2/(M N); by Parseval it sums to ||W||_F^2 (docs/methods.md §2.4)."""
     m, n = weight.shape[-2:]
     h = dht2(weight.to(compute_dtype(weight)), separable=separable)
     return h.square() / (m * n)
@@ -47,7 +47,7 @@ def dht2_energy_topk(weight: torch.Tensor, k: int, separable: bool = False) -> t
 
     Sorted by energy descending, ties by position. For the true 2-D DHT one rfft2 gives both halves:
     with F = FFT2(W), H[k, l] = Re F - Im F and H[-k, -l] = Re F + Im F, so peak memory is the
-    weight plus about twice its size (METHODS.md 1.1), not the full complex FFT2 and its copies.
+    weight plus about twice its size (docs/methods.md §1.1), not the full complex FFT2 and its copies.
     """
     m, n = weight.shape
     w = weight.to(compute_dtype(weight))

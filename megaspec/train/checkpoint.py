@@ -33,11 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from megaspec.dist import plan_digest
-from megaspec.dist.comm import rank, world_size
+from megaspec.distributed import plan_digest
+from megaspec.distributed.comm import broadcast_from_rank0, gather_to_rank0, rank, world_size
 from megaspec.model import CONFIG_NAME, WEIGHTS_NAME, adapters_of, save_adapter
 from megaspec.train.errors import write_failed
 
@@ -104,10 +103,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- collective helpers ------------------------------------------------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _on_rank0(fn: Callable[[], Any]) -> Any:
     """Run `fn` on rank 0 and give every rank its result; an error on rank 0 is raised on every rank.
 
@@ -119,29 +114,18 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
         try:
             result = fn()
         except Exception as exc:
-            if not _distributed():
+            if world_size() == 1:
                 raise
             error = exc
-    if _distributed():
+    if world_size() > 1:
         try:
             pickle.dumps(error)
         except Exception:
             error = RuntimeError(f"checkpoint step failed on rank 0: {error!r}")
-        box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        result, error = broadcast_from_rank0((result, error))
     if error is not None:
         raise error
     return result
-
-
-def _gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every rank's `obj` on rank 0 (None elsewhere)."""
-    if not _distributed():
-        return [obj]
-    out: list[Any] | None = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -289,7 +273,7 @@ def save_checkpoint(
     # launcher (deepspeed, torchrun, srun --kill-on-bad-exit) ends them on this rank's exit 2.
     guarded(lambda: engine.save_checkpoint(str(tmp / "engine"), tag=tag, save_latest=True, exclude_frozen_parameters=True))()
     guarded(lambda: save_adapter(model, tmp / "adapter"))()  # collective gather, rank 0 writes
-    rngs = _gather_to_rank0(rng_state())
+    rngs = gather_to_rank0(rng_state())
     adapters = adapters_of(model)
     state = {
         **trainer_state,
@@ -388,7 +372,7 @@ def resume_checkpoint(output_dir: str | Path) -> Path:
                 "move the folder away and start a new run"
             )
         if rejected:
-            print(f"megaspec: warning: resuming from {found.name}, skipping newer checkpoints that fail verification "
+            print(f"train: warning: resuming from {found.name}, skipping newer checkpoints that fail verification "
                   f"({reasons})", file=sys.stderr, flush=True)
         for leftover in root.glob(f"{TMP_PREFIX}*"):
             logger.warning("removing %s, left by an interrupted save", leftover)

@@ -15,7 +15,7 @@ from sentencepiece import sentencepiece_model_pb2
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
-from megaspec.tiny import embedded_corpus, embedded_instructions, embedded_tokenizer
+from megaspec.train.embedded import embedded_corpus, embedded_instructions, embedded_tokenizer
 
 IGNORE = -100  # label value the HF causal-LM loss skips
 FORMATS = ("auto", "text", "instruction")

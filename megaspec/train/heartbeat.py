@@ -67,7 +67,7 @@ class Heartbeat:
                 self._say(name, waited)
 
     def _say(self, name: str, waited: float) -> None:
-        line = f"megaspec: heartbeat: rank {self.rank} still in {name} after {waited:.0f} s"
+        line = f"train: heartbeat: rank {self.rank} still in {name} after {waited:.0f} s"
         if self.world > 1:
             timeout = os.environ.get("MEGASPEC_DIST_TIMEOUT_S", "600")
             line += (f"; if a peer rank is hung, the job fails when a collective times out "

@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import logging
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megaspec.calibrate import calibrate_adapters, calibrating
-from megaspec.config import DEFAULT_TARGETS, AdapterConfig
-from megaspec.dist.comm import all_gather_object, rank, world_size
+from megaspec.config import flat_dict
+from megaspec.distributed.comm import (
+    all_gather_object,
+    barrier,
+    device,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from megaspec.distributed.group import init_distributed
 from megaspec.gguf import resolve_model, run_dtype
-from megaspec.model import adapters_of, apply_adapters, load_plans, save_adapter
+from megaspec.model import AdapterSummary, adapters_of, apply_adapters, load_plans, save_adapter
 from megaspec.quant import (
     bnb_config,
     check_quantization,
@@ -41,113 +48,17 @@ from megaspec.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
+from megaspec.train.config import TrainConfig, resume_keys, run_record
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
+from megaspec.train.guard import NonFiniteGuard, StopSignal, TrainingDiverged, coefficients_finite
 from megaspec.train.heartbeat import Heartbeat
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress_bar
 from megaspec.train.report import write_report_or_warn
 
 logger = logging.getLogger("megaspec")
-
-DEFAULT_LR = {"ssh": 2e-2, "fourierft": 2e-2, "s2ft": 2e-2, "lora": 1e-3}
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs besides the DeepSpeed config (micro-batch, precision, ZeRO stage)."""
-
-    ds_config: str = "ds_configs/zero3.json"
-    model: str | None = None  # None: the embedded tiny LLaMA (megaspec.train.embedded)
-    tokenizer: str | None = None  # None: the model's own, or the embedded tokenizer
-    dataset: str | None = None  # None: the embedded corpus
-    method: str = "ssh"
-    n_coeffs: int = 750
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    energy_ratio: float = 0.5
-    selection: str = "global"
-    rank: int = 8
-    alpha: float = 16.0
-    scale: float | None = None
-    init: str = "zeros"
-    s2ft_estimate_steps: int = 4  # s2ft: optimizer steps' worth of batches in the gradient estimate
-    s2ft_estimate_group_mb: int = 1024  # s2ft: fp32 estimate buffers held at once per rank (layer groups, megaspec.calibrate)
-    max_steps: int = 100
-    seq_len: int = 128
-    lr: float | None = None  # None: the method's default (DEFAULT_LR)
-    warmup_ratio: float = 0.06
-    seed: int = 42
-    output_dir: str | None = None  # None: runs/<time>-<method>
-    resume: bool = False
-    overwrite: bool = False
-    eval_every: int = 50
-    eval_batches: int = 20
-    save_every: int = 50
-    log_every: int = 1
-    image_every: int = 50
-    keep_checkpoints: int = 2
-    max_skipped_steps: int = 10  # consecutive steps with a non-finite loss that are skipped; one more stops the run
-    halt_at_step: int | None = None  # checkpoint and exit early, as if preempted (chunked jobs, tests)
-    quantize: str = "none"  # frozen base in bitsandbytes nf4 | fp4 | int8 (megaspec.quant)
-    gradient_checkpointing: str = "auto"  # on | off | auto: on above ~1B parameters (megaspec.train.activations)
-    attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None: transformers' default
-    report_to: str = "tensorboard"  # comma-separated trackers: tensorboard, wandb, mlflow, all, none (megaspec.train.trackers)
-
-    def adapter_config(self) -> AdapterConfig:
-        """The AdapterConfig this run applies."""
-        return AdapterConfig(
-            method=self.method, target_modules=list(self.target_modules), n_coeffs=self.n_coeffs,
-            energy_ratio=self.energy_ratio, selection=self.selection, scale=self.scale, init=self.init,
-            rank=self.rank, alpha=self.alpha, seed=self.seed, s2ft_estimate_steps=self.s2ft_estimate_steps,
-        )
-
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 1e-3)
-
-
-def init_distributed() -> None:
-    """Join the job's process group (NCCL on GPUs, gloo on CPU); a no-op when already joined."""
-    import deepspeed
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        try:
-            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=dist_timeout())
-        except Exception as exc:
-            if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
-                port, addr = os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR")
-                raise ConfigError(
-                    f"the rendezvous port {addr}:{port} is already in use (another job on this node?); pass another "
-                    "one: deepspeed --master_port PORT ..., torchrun --master_port PORT ..., or MASTER_PORT=PORT"
-                ) from exc
-            raise
-        release_shm_buffers()
-
-
-def release_shm_buffers() -> list[Path]:
-    """Unlink this rank's /dev/shm all-reduce buffer (DeepSpeed's CPU backend) once every rank has mapped it.
-
-    DeepSpeed creates one 66 MB file per rank, named by uid, MASTER_ADDR, MASTER_PORT and rank,
-    and every rank maps every peer's file while the process group forms. Unlinked after a barrier,
-    the mappings stay valid and the memory goes back when the job ends, however it ends (issue 15:
-    they piled up in /dev/shm after every job, SIGKILL included). Returns the paths removed.
-    """
-    if world_size() > 1:
-        dist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank()
-    )
-    path = Path("/dev/shm") / name
-    if not path.exists():
-        return []
-    path.unlink(missing_ok=True)
-    return [path]
 
 
 def resolve_output_dir(cfg: TrainConfig) -> Path:
@@ -155,7 +66,7 @@ def resolve_output_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     stamp = all_gather_object(time.strftime("%Y%m%d-%H%M%S"))[0]
-    return Path("runs") / f"{stamp}-{cfg.method}"
+    return Path("runs") / f"{stamp}-{cfg.adapter.method}"
 
 
 def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none", quant_load: str | None = None) -> torch.nn.Module:
@@ -192,25 +103,6 @@ def build_model(model: str, ds_config: dict[str, Any], quantize: str = "none", q
     return base
 
 
-def _mean_over_ranks(value: float) -> float:
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
-    return float(t.item()) / world_size()
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -226,119 +118,17 @@ def evaluate(engine: Any, eval_set: Any, micro_batch: int, max_batches: int) -> 
         idx = [s * micro_batch * world + r * micro_batch + i for i in range(micro_batch)]
         real = [i for i in idx if i < n]
         items = [eval_set[i] for i in (real or [0])]
-        batch = _to_device({k: torch.stack([it[k] for it in items]) for k in items[0]}, _device())
+        batch = _to_device({k: torch.stack([it[k] for it in items]) for k in items[0]}, device())
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         if real:
             loss_sum += float(losses)
             tokens += float((labels != -100).sum())
-    loss_sum, tokens = _sum_over_ranks([loss_sum, tokens])
+    loss_sum, tokens = sum_over_ranks([loss_sum, tokens])
     engine.train()
     loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-def dist_timeout() -> datetime.timedelta:
-    """How long a collective waits for a peer before the job fails ($MEGASPEC_DIST_TIMEOUT_S, default 600 s)."""
-    text = os.environ.get("MEGASPEC_DIST_TIMEOUT_S", "600")
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise ConfigError(f"MEGASPEC_DIST_TIMEOUT_S={text!r} must be a positive number of seconds")
-    return datetime.timedelta(seconds=seconds)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite for more than --max_skipped_steps steps in a row; existing checkpoints are kept."""
-
-
-class NonFiniteGuard:
-    """Skips micro-batches whose loss is NaN/inf on any rank (no backward, no update); stops a run that diverged.
-
-    The flag is all-reduced so every rank skips the same micro-batches (ZeRO-3 collectives stay in
-    lockstep). A step with no finite micro-batch is skipped whole: DeepSpeed is not called, so the
-    weights, optimizer state and LR schedule stay as they were. With gradient accumulation, a step
-    with some finite micro-batches updates from those alone. $MEGASPEC_TEST_NAN_STEPS=4,5 makes
-    rank 0 see a NaN loss in every micro-batch of steps 4 and 5 (tests of this logic).
-    """
-
-    def __init__(self, limit: int, skipped: int = 0) -> None:
-        self.limit = limit
-        self.skipped = skipped  # steps skipped in the whole run (saved with checkpoints)
-        self.streak = 0  # steps in a row, up to the current one, skipped or with a non-finite gradient norm
-        self.reasons: list[str] = []  # what made the steps of the current streak void
-        hook = os.environ.get("MEGASPEC_TEST_NAN_STEPS", "")
-        self.test_steps = {int(s) for s in hook.split(",") if s.strip()}
-
-    def finite(self, loss: torch.Tensor, step: int) -> bool:
-        """Whether this micro-batch's loss is finite on every rank (step: the 1-based step it belongs to)."""
-        ok = bool(torch.isfinite(loss.detach()).all()) and not (step in self.test_steps and rank() == 0)
-        return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
-
-    def end_step(self, skipped: bool, grad_norm: float | None = None) -> None:
-        """Count a finished step: skipped (no finite micro-batch), or updated with the gradient norm `grad_norm`.
-
-        A void update counts toward the streak too (issue 15: with --lr 1e30 the coefficients reached
-        2e30, RMSNorm's variance overflowed to inf, the hidden states became 0, the loss sat at
-        ln(vocab) with a gradient norm of exactly 0, and the run "finished" with exit 0): a gradient
-        norm that is not finite (clipping then scales the update to 0 or NaN), or exactly 0 with a
-        finite loss (no trainable parameter reaches the loss any more; zero-initialised adapters still
-        get a non-zero gradient at step 1). The norm is all-reduced by DeepSpeed, so every rank agrees.
-        None: the config does not compute it.
-        """
-        if skipped:
-            reason = "loss is not finite"
-        elif grad_norm is not None and not math.isfinite(grad_norm):
-            reason = "gradient norm is not finite"
-        elif grad_norm == 0.0:
-            reason = "gradient norm is exactly 0 (the loss no longer depends on the adapter)"
-        else:
-            reason = None
-        self.reasons = ([] if not self.streak else self.reasons) + ([reason] if reason and reason not in self.reasons else [])
-        self.streak = self.streak + 1 if reason else 0
-        self.skipped += int(skipped)
-
-    def diverged(self) -> bool:
-        """More than `limit` steps in a row were skipped or had a void update."""
-        return self.streak > self.limit
-
-    def message(self, step: int) -> str:
-        """The one line that stops the run."""
-        return (
-            f"{' and '.join(self.reasons)} at step {step}: {self.streak} steps in a row (from step "
-            f"{step - self.streak + 1}) exceed --max_skipped_steps {self.limit}; the run's checkpoints keep the last "
-            "good state: lower --lr or check the data, then --resume"
-        )
-
-
-def _catch_up(engine: Any, owed: int) -> int:
-    """Make the engine.step() calls of skipped micro-batches, keeping DeepSpeed's accumulation boundary in place."""
-    for _ in range(owed):
-        engine.step()
-    return 0
-
-
-class StopSignal:
-    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the step's end."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def reason(self) -> str:
-        """Why the run stops, for the log line."""
-        return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
-
-    def agreed(self) -> bool:
-        """True on every rank once any rank got the signal (ranks must stop at the same step)."""
-        return _sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
 
 
 CALIBRATION_SEED_OFFSET = 1_000_000  # S2FT's estimate draws its own batches: the training order is unchanged
@@ -359,13 +149,13 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
         what = f"restored from {ckpt / 'adapter'}"
     else:
         stream = batch_iterator(train_set, micro, cfg.seed + CALIBRATION_SEED_OFFSET, rank(), world_size())
-        batches = [_to_device(next(stream), _device()) for _ in range(cfg.s2ft_estimate_steps * accum)]
+        batches = [_to_device(next(stream), device()) for _ in range(cfg.adapter.s2ft_estimate_steps * accum)]
         info = calibrate_adapters(engine, batches, group_bytes=cfg.s2ft_estimate_group_mb * 2**20)
         calibration = info["calibration"]
         what = f"calibrated on {calibration['batches']} micro-batches per rank in {calibration['groups']} layer group(s)"
     info["digest"] = positions_digest(engine.module)
     if rank() == 0:
-        print(f"{cfg.method} plan {what} (digest {info['digest'][:12]})", flush=True)
+        print(f"{cfg.adapter.method} plan {what} (digest {info['digest'][:12]})", flush=True)
     return info
 
 
@@ -380,8 +170,70 @@ def train(cfg: TrainConfig, heartbeat: Heartbeat | None = None) -> dict[str, Any
         beat.stop()
 
 
+@dataclass
+class Run:
+    """What setup builds and the step functions share."""
+
+    cfg: TrainConfig
+    engine: Any
+    model: torch.nn.Module
+    out: Path
+    summary: AdapterSummary
+    train_set: Any
+    eval_set: Any
+    micro: int  # micro-batch per rank
+    accum: int  # micro-batches per optimizer step
+    expected: dict[str, Any]  # what a checkpoint of this run records and a resume must find
+    trainable: list[torch.nn.Parameter]
+    guard: NonFiniteGuard
+    start_step: int = 0
+
+
 def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str, Any]:
-    """train() after the process group and the heartbeat exist."""
+    """train() after the process group and the heartbeat exist: setup, then train_step and end_of_step per step."""
+    run = setup(cfg, raw_ds, beat)
+    run_log = RunLogger(run.out, resume_step=run.start_step if cfg.resume else None, report_to=cfg.report_to, config=flat_dict(cfg))
+    if not cfg.resume:
+        run_log.log_allocation(run.model)  # the plan's budget split, at step 0
+    stop = StopSignal()
+    batches = batch_iterator(run.train_set, run.micro, cfg.seed, rank(), world_size(), start_step=run.start_step * run.accum)
+    bar = progress_bar(cfg.max_steps, initial=run.start_step)
+    metrics: dict[str, Any] = {}
+    step = run.start_step
+    run.engine.train()
+    try:
+        while step < cfg.max_steps:
+            step += 1
+            beat.phase(f"step {step} (forward, backward, optimizer)")
+            metrics = train_step(run, batches, step)
+            end_of_step(run, step, metrics, beat, run_log)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if run.guard.diverged():
+                raise TrainingDiverged(run.guard.message(step))
+            stopping = stop.agreed() or step == cfg.halt_at_step
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+                beat.phase(f"checkpoint of step {step}")
+                extra = {**run.expected, "data_step": step * run.accum, "skipped_steps": run.guard.skipped}
+                save_checkpoint(run.engine, run.model, run.out, step, extra, keep=cfg.keep_checkpoints)
+            if stopping:
+                bar.close()
+                if rank() == 0:
+                    print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
+                return {**metrics, "step": step, "output_dir": str(run.out), "trainable": run.summary.trainable, "stopped": True}
+    finally:  # the bar ends its line before any error line; logs are flushed whatever ends the loop
+        bar.close()
+        run_log.close()
+    beat.phase("writing the final adapter")
+    final = {**metrics, "step": step, "output_dir": str(run.out), "trainable": run.summary.trainable}
+    _write_final(run.model, run.out, final)
+    if rank() == 0:
+        write_report_or_warn(run.out)  # report.html; never ends a run
+    return final
+
+
+def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
+    """Load the tokenizer, the base (partitioned) and the data, plan the adapters, start the engine, restore a checkpoint."""
     import deepspeed
 
     beat.phase("setup (loading the tokenizer, model and data, planning the adapters)")
@@ -390,19 +242,14 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     out = resolve_output_dir(cfg)
     _check_output_dir(out, cfg)
     ckpt = resume_checkpoint(out) if cfg.resume else None  # refuses, in one line, when there is nothing usable
-    lr = cfg.learning_rate()
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
-
-    hidden = _hidden_size(model_path)
-    ds_config = resolve_ds_config(raw_ds, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden)
+    ds_config = resolve_ds_config(raw_ds, lr=cfg.learning_rate(), max_steps=cfg.max_steps, warmup_steps=warmup,
+                                  hidden_size=_hidden_size(model_path))
     model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
-    activations = configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation)
-    if rank() == 0:
-        print(activations, flush=True)
-    summary = apply_adapters(model, cfg.adapter_config(), defer_calibration=True)  # S2FT: calibrated below
-    if rank() == 0:
-        print(summary, flush=True)
+    _say(configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation))
+    summary = apply_adapters(model, cfg.adapter, defer_calibration=True)  # S2FT: calibrated below
+    _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
     data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction")
@@ -410,106 +257,99 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-    micro = engine.train_micro_batch_size_per_gpu()
-    accum = engine.gradient_accumulation_steps()
     _create_output_dir(out, cfg)
-    expected = {"config_hash": config_hash(_resume_keys(cfg)), "base_model": model_path}
+    run = Run(cfg, engine, model, out, summary, train_set, eval_set, engine.train_micro_batch_size_per_gpu(),
+              engine.gradient_accumulation_steps(), {"config_hash": config_hash(resume_keys(cfg)), "base_model": model_path},
+              trainable, NonFiniteGuard(cfg.max_skipped_steps))
     if calibrating(adapters_of(model)):
-        summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, micro, accum))
-
-    start_step = 0
-    guard = NonFiniteGuard(cfg.max_skipped_steps)
+        summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, run.micro, run.accum))
     if ckpt is not None:
-        state = load_checkpoint(engine, ckpt, expected=expected)
-        start_step = int(state["step"])
-        guard.skipped = int(state.get("skipped_steps", 0))
-        if rank() == 0:
-            print(f"resumed from {ckpt} at step {start_step}", flush=True)
-    align_lr_schedule(engine, start_step)
-    _write_run_files(out, cfg, ds_config, summary, continuing=ckpt is not None and start_step < cfg.max_steps, base=model_path)
+        state = load_checkpoint(engine, ckpt, expected=run.expected)
+        run.start_step, run.guard.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        _say(f"resumed from {ckpt} at step {run.start_step}")
+    align_lr_schedule(engine, run.start_step)
+    continuing = ckpt is not None and run.start_step < cfg.max_steps
+    _write_run_files(out, cfg, ds_config, summary, continuing=continuing, base=model_path)
+    return run
 
-    run_log = RunLogger(out, resume_step=start_step if cfg.resume else None, report_to=cfg.report_to, config=dataclasses.asdict(cfg))
-    if ckpt is None:
-        run_log.log_allocation(model)  # the plan's budget split, at step 0
-    stop = StopSignal()
-    batches = batch_iterator(train_set, micro, cfg.seed, rank(), world_size(), start_step=start_step * accum)
-    bar = progress_bar(cfg.max_steps, initial=start_step)
-    device = _device()
-    metrics: dict[str, Any] = {}
-    step = start_step
-    engine.train()
-    try:
-        while step < cfg.max_steps:
-            beat.phase(f"step {step + 1} (forward, backward, optimizer)")
-            t0 = time.perf_counter()
-            lr_used = engine.get_lr()[0]  # the LR this step's optimizer update applies (the scheduler moves after it)
-            losses, tokens = [], 0.0
-            owed = 0  # engine.step() calls of skipped micro-batches, made once a finite one follows
-            for _ in range(accum):
-                batch = _to_device(next(batches), device)
-                loss = engine(**batch).loss
-                if not guard.finite(loss, step + 1):
-                    owed += 1
-                    continue
-                owed = _catch_up(engine, owed)
-                engine.backward(loss)
-                engine.step()
-                losses.append(float(loss.detach()))
-                tokens += float(batch["attention_mask"].sum())
-            if losses:
-                _catch_up(engine, owed)
-            step += 1
-            norm = engine.get_global_grad_norm() if losses else None  # None: this config does not compute it
-            grad_norm = float("nan") if norm is None else float(norm)
-            guard.end_step(skipped=not losses, grad_norm=None if norm is None else grad_norm)
-            if losses and not coefficients_finite(trainable):
-                raise TrainingDiverged(
-                    f"adapter parameters became non-finite in the optimizer update of step {step} (lr {lr_used:.3g}); "
-                    f"{_kept(out)}: lower --lr (or check the data), then --resume"
-                )
-            elapsed = time.perf_counter() - t0
-            loss_value = _mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan")
-            tokens = _sum_over_ranks([tokens])[0]
-            metrics = {
-                "loss": loss_value,
-                "lr": lr_used,
-                "grad_norm": grad_norm,
-                "skipped_steps": guard.skipped,
-                "tokens_per_s": tokens / elapsed,
-                "step_time": elapsed,
-            }
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and len(eval_set):
-                beat.phase(f"eval at step {step}")
-                metrics.update(evaluate(engine, eval_set, micro, cfg.eval_batches))
-            if step % cfg.log_every == 0 or step == cfg.max_steps or "eval_loss" in metrics:
-                beat.phase(f"logging step {step}")
-                tensors = gathered_adapter_tensors(model)
-                run_log.log_scalars(step, metrics)
-                run_log.log_spectral(step, model, tensors)
-                if step % cfg.image_every == 0 or step == cfg.max_steps or step == start_step + 1:
-                    run_log.log_spectral_images(step, model, tensors)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if guard.diverged():
-                raise TrainingDiverged(guard.message(step))
-            stopping = stop.agreed() or step == cfg.halt_at_step
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-                beat.phase(f"checkpoint of step {step}")
-                save_checkpoint(engine, model, out, step, {**expected, "data_step": step * accum, "skipped_steps": guard.skipped}, keep=cfg.keep_checkpoints)
-            if stopping:
-                bar.close()
-                if rank() == 0:
-                    print(f"stopping at step {step} ({stop.reason()}): checkpoint written; continue with --resume", flush=True)
-                return {**metrics, "step": step, "output_dir": str(out), "trainable": summary.trainable, "stopped": True}
-    finally:  # the bar ends its line before any error line; logs are flushed whatever ends the loop
-        bar.close()
-        run_log.close()
-    beat.phase("writing the final adapter")
-    final = {**metrics, "step": step, "output_dir": str(out), "trainable": summary.trainable}
-    _write_final(model, out, final)
+
+def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> dict[str, float]:
+    """Optimizer step `step` (1-based): its micro-batches, the update, and its metrics averaged over ranks."""
+    t0 = time.perf_counter()
+    lr_used = run.engine.get_lr()[0]  # the LR this step's optimizer update applies (the scheduler moves after it)
+    losses, tokens = accumulate(run.engine, batches, run.guard, run.accum)
+    norm = run.engine.get_global_grad_norm() if losses else None  # None: this config does not compute it
+    grad_norm = float("nan") if norm is None else float(norm)
+    run.guard.end_step(skipped=not losses, grad_norm=None if norm is None else grad_norm)
+    if losses and not coefficients_finite(run.trainable):
+        raise TrainingDiverged(
+            f"adapter parameters became non-finite in the optimizer update of step {step} (lr {lr_used:.3g}); "
+            f"{_kept(run.out)}: lower --lr (or check the data), then --resume"
+        )
+    elapsed = time.perf_counter() - t0
+    return {
+        "loss": mean_over_ranks(sum(losses) / len(losses)) if losses else float("nan"),
+        "lr": lr_used,
+        "grad_norm": grad_norm,
+        "skipped_steps": run.guard.skipped,
+        "tokens_per_s": sum_over_ranks([tokens])[0] / elapsed,
+        "step_time": elapsed,
+    }
+
+
+def accumulate(engine: Any, batches: Iterator[dict[str, torch.Tensor]], guard: NonFiniteGuard, accum: int) -> tuple[list[float], float]:
+    """Forward and backward of one step's `accum` micro-batches, skipping those whose loss is not finite on some rank.
+
+    Returns the finite losses and this rank's trained tokens. DeepSpeed finds the accumulation
+    boundary by counting engine.step() calls, so a skipped micro-batch owes one: it is made once a
+    finite micro-batch follows (before that one's backward), and the owed calls are settled at the
+    end. A step with no finite micro-batch calls DeepSpeed not at all: weights, optimizer state and
+    LR schedule stay as they were.
+    """
+    on = device()
+    losses, tokens, owed = [], 0.0, 0
+    for _ in range(accum):
+        batch = _to_device(next(batches), on)
+        loss = engine(**batch).loss
+        if not guard.finite(loss):
+            owed += 1
+            continue
+        owed = _catch_up(engine, owed)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        tokens += float(batch["attention_mask"].sum())
+    if losses:
+        _catch_up(engine, owed)
+    return losses, tokens
+
+
+def _catch_up(engine: Any, owed: int) -> int:
+    """Make the engine.step() calls of skipped micro-batches, keeping DeepSpeed's accumulation boundary in place."""
+    for _ in range(owed):
+        engine.step()
+    return 0
+
+
+def end_of_step(run: Run, step: int, metrics: dict[str, Any], beat: Heartbeat, run_log: RunLogger) -> None:
+    """Evaluate and log when due (eval adds eval_loss and eval_ppl to `metrics`)."""
+    cfg, last = run.cfg, step == run.cfg.max_steps
+    if cfg.eval_every and (step % cfg.eval_every == 0 or last) and len(run.eval_set):
+        beat.phase(f"eval at step {step}")
+        metrics.update(evaluate(run.engine, run.eval_set, run.micro, cfg.eval_batches))
+    if step % cfg.log_every == 0 or last or "eval_loss" in metrics:
+        beat.phase(f"logging step {step}")
+        tensors = gathered_adapter_tensors(run.model)
+        run_log.log_scalars(step, metrics)
+        run_log.log_spectral(step, run.model, tensors)
+        if step % cfg.image_every == 0 or last or step == run.start_step + 1:
+            run_log.log_spectral_images(step, run.model, tensors)
+
+
+def _say(line: Any) -> None:
+    """Print on rank 0 (the line every rank would print)."""
     if rank() == 0:
-        write_report_or_warn(out)  # report.html; never ends a run
-    return final
+        print(line, flush=True)
 
 
 def align_lr_schedule(engine: Any, step: int) -> None:
@@ -524,12 +364,6 @@ def align_lr_schedule(engine: Any, step: int) -> None:
     scheduler = engine.lr_scheduler
     if scheduler is not None and hasattr(scheduler, "last_batch_iteration"):
         scheduler.step(step + 1)
-
-
-def coefficients_finite(trainable: list[torch.nn.Parameter]) -> bool:
-    """Whether every trainable parameter is finite on every rank (this rank's ZeRO-3 partition; all-reduced)."""
-    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in trainable)
-    return _sum_over_ranks([0.0 if ok else 1.0])[0] == 0
 
 
 def _kept(out: Path) -> str:
@@ -579,12 +413,6 @@ def _hidden_size(model: str) -> int:
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         raise ConfigError(f"--model {model} does not exist; pass a local HF model folder or a hub id")
     return int(getattr(AutoConfig.from_pretrained(model), "hidden_size", 4096))
-
-
-def _resume_keys(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match for --resume to continue a run (not max_steps, not logging cadence)."""
-    keep = ("model", "dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "rank", "alpha", "scale", "init", "seq_len", "seed", "quantize")
-    return {k: getattr(cfg, k) for k in keep}
 
 
 # What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
@@ -654,8 +482,7 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
         shutil.rmtree(out)
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-    if world_size() > 1:
-        dist.barrier()
+    barrier()
 
 
 def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:
@@ -673,6 +500,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         # adapter/ and final_metrics.json would say otherwise (issue 15); the checkpoints hold that state.
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
-    (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "base_folder": base or None}, indent=1))
+    (out / "train_config.json").write_text(json.dumps(run_record(cfg, base or None), indent=1))
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from megaspec.dist.comm import rank, world_size
-from megaspec.dist.gather import gather_params
+from megaspec.distributed.comm import rank, world_size
+from megaspec.distributed.gather import gather_params
 from megaspec.model import adapters_of
 from megaspec.train import figures
 from megaspec.train.checkpoint import CHECKPOINTS, read_latest
@@ -254,7 +254,7 @@ class RunLogger:
                                    read_latest(self.output_dir / CHECKPOINTS)) from exc
             if what not in self.failed:
                 self.failed.add(what)
-                print(f"megaspec: warning: TensorBoard {what} at step {step} not written ({type(exc).__name__}: "
+                print(f"train: warning: TensorBoard {what} at step {step} not written ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); training goes on", file=sys.stderr, flush=True)
 
     def log_spectral(
@@ -374,7 +374,7 @@ class RunLogger:
                     try:
                         self.backgrounds[name] = layer_energy(adapter)
                     except Exception as exc:  # a missing background never costs the image, let alone the run
-                        print(f"megaspec: warning: no W0 energy background for {name} ({type(exc).__name__}: {exc})",
+                        print(f"train: warning: no W0 energy background for {name} ({type(exc).__name__}: {exc})",
                               file=sys.stderr, flush=True)
 
     def flush(self) -> None:

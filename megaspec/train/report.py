@@ -311,7 +311,7 @@ def write_report_or_warn(run: str | Path) -> Path | None:
     try:
         return write_report(run)
     except Exception as exc:
-        print(f"megaspec: warning: report.html not written ({type(exc).__name__}: "
+        print(f"train: warning: report.html not written ({type(exc).__name__}: "
               f"{str(exc).splitlines()[0] if str(exc) else ''}); `python launch/report.py {run}` retries",
               file=sys.stderr, flush=True)
         return None

@@ -51,7 +51,7 @@ def available(name: str) -> bool:
 
 
 def _warn(line: str) -> None:
-    print(f"megaspec: {line}", file=sys.stderr, flush=True)
+    print(f"train: {line}", file=sys.stderr, flush=True)
 
 
 class _StepBuffer:

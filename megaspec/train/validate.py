@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from megaspec.adapters import adapter_class
-from megaspec.adapters.sparse_spectrum import SparseSpectrumAdapter
+from megaspec.adapters import adapter_class, linear_shape
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
+from megaspec.train.config import TrainConfig, resume_keys
 from megaspec.train.data import (
     FILE_BUILDERS,
     DataConfig,
@@ -40,13 +40,7 @@ from megaspec.train.data import (
     load_tokenizer,
 )
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
-from megaspec.train.loop import (
-    TrainConfig,
-    _model_tokenizer,
-    _resume_keys,
-    run_folder_problem,
-    writable_problem,
-)
+from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
 
 RUN_CONFIG = "train_config.json"
@@ -55,9 +49,9 @@ RUN_CONFIG = "train_config.json"
 def validate(cfg: TrainConfig) -> list[str]:
     """Raise one ConfigError/DataError for the first bad input of `cfg`; return warnings to show."""
     warnings: list[str] = []
-    adapter_class(cfg.method)  # "unknown method 'x'; choose one of [...]"
+    adapter_class(cfg.adapter.method)  # "unknown method 'x'; choose one of [...]"
     check_numbers(cfg)
-    parse_report_to(getattr(cfg, "report_to", "tensorboard"))  # "unknown tracker 'x'"
+    parse_report_to(cfg.report_to)  # "unknown tracker 'x'"
     raw_ds = read_ds_config(cfg.ds_config)
     check_ds_numbers(raw_ds, cfg.ds_config)
     warnings += check_ds_keys(raw_ds, cfg.ds_config)
@@ -85,9 +79,10 @@ def validate(cfg: TrainConfig) -> list[str]:
 # --- plain arguments ---------------------------------------------------------------------------
 def check_numbers(cfg: TrainConfig) -> None:
     """Counts and rates that must be positive (the rest is checked by the method's own adapter)."""
+    a = cfg.adapter
     positive = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "save_every": cfg.save_every,
                 "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints,
-                "rank": cfg.rank, "s2ft_estimate_steps": cfg.s2ft_estimate_steps}
+                "rank": a.rank, "s2ft_estimate_steps": a.s2ft_estimate_steps}
     if cfg.halt_at_step is not None:
         positive["halt_at_step"] = cfg.halt_at_step
     for name, value in positive.items():
@@ -96,16 +91,16 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name in ("eval_every", "eval_batches", "max_skipped_steps"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be 0 or more")
-    rates = {"lr": cfg.lr, "scale": cfg.scale, "alpha": cfg.alpha}  # None: the method's default
+    rates = {"lr": cfg.lr, "scale": a.scale, "alpha": a.alpha}  # None: the method's default
     for name, value in rates.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"--{name} {value} must be a finite number above 0")
-    if not 0 <= cfg.energy_ratio <= 1:  # also false for nan
-        raise ConfigError(f"--energy_ratio {cfg.energy_ratio} must be within [0, 1]")
+    if not 0 <= a.energy_ratio <= 1:  # also false for nan
+        raise ConfigError(f"--energy_ratio {a.energy_ratio} must be within [0, 1]")
     if cfg.seq_len < 2:
         raise ConfigError(f"--seq_len {cfg.seq_len} is too short; use at least 2 tokens")
-    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter) and cfg.n_coeffs < 1:
-        raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be at least 1")
+    if adapter_class(a.method).trains_coefficients and a.n_coeffs < 1:
+        raise ConfigError(f"--n_coeffs {a.n_coeffs} must be at least 1")
 
 
 # --- DeepSpeed config --------------------------------------------------------------------------
@@ -244,7 +239,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: {out} holds no checkpoint ({out / CHECKPOINTS} has no step-* folder); drop --resume "
                           "to start a new run there (with --overwrite if it holds files of a run), or point --output_dir "
                           "at the run to continue")
-    wanted = _resume_keys(cfg)
+    wanted = resume_keys(cfg)
     saved_cfg = None
     if (out / RUN_CONFIG).is_file():
         try:
@@ -273,7 +268,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
 def load_model_config(model: str | None) -> Any:
     """The HF config of --model (or of the embedded tiny LLaMA), read without loading weights."""
     if model is None:
-        from megaspec.tiny import embedded_tokenizer, tiny_llama_config
+        from megaspec.train.embedded import embedded_tokenizer, tiny_llama_config
 
         return tiny_llama_config(len(embedded_tokenizer()))
     from transformers import AutoConfig
@@ -336,20 +331,24 @@ def check_adapters(cfg: TrainConfig, model_config: Any) -> None:
     """Apply the adapters to the model built on the meta device: targets exist, sizes fit every layer."""
     from transformers import AutoModelForCausalLM
 
-    from megaspec.model import adapters_of, apply_adapters
+    from megaspec.model import apply_adapters, find_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
+    a, method = cfg.adapter, adapter_class(cfg.adapter.method)
     try:
-        apply_adapters(model, cfg.adapter_config())
+        if method.trains_coefficients:  # named as a flag, for the smallest target (the adapter names the first)
+            shapes = {name: linear_shape(model.get_submodule(name)) for name in find_targets(model, a.target_modules)}
+            smallest = min(shapes, key=lambda name: method.coeff_capacity(shapes[name]))
+            (m, n), room = shapes[smallest], method.coeff_capacity(shapes[smallest])
+            if not 0 < a.n_coeffs <= room:
+                raise ConfigError(f"--n_coeffs {a.n_coeffs} must be in 1..{room}: the smallest target {smallest} "
+                                  f"is {m}x{n}; lower --n_coeffs or change --target_modules")
+        apply_adapters(model, a)
+    except ConfigError:
+        raise
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    if issubclass(adapter_class(cfg.method), SparseSpectrumAdapter):
-        smallest = min(adapters_of(model).values(), key=lambda a: a.shape[0] * a.shape[1])
-        m, n = smallest.shape
-        if not 0 < cfg.n_coeffs <= m * n:
-            raise ConfigError(f"--n_coeffs {cfg.n_coeffs} must be in 1..{m * n}: the smallest target {smallest.name} "
-                              f"is {m}x{n}; lower --n_coeffs or change --target_modules")
 
 
 # --- dataset -----------------------------------------------------------------------------------

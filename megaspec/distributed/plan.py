@@ -1,6 +1,6 @@
 """Plan every adapter collectively: one layer gathered at a time, layers spread over ranks, one agreed plan.
 
-DESIGN.md "Collective steps under ZeRO-3". Every rank runs the same sequence of collectives:
+docs/design.md "Collective steps under ZeRO-3". Every rank runs the same sequence of collectives:
 one gather per partitioned layer (in layer order), each adapter class's `select_results` (SSH's
 global selection agrees there on what to send), one all-gather of the per-layer results, one
 all-gather of the plan digests. World size 1 (or torch.distributed not initialised) takes the
@@ -17,9 +17,9 @@ import torch
 
 from megaspec.adapters import Adapter, dense_weight
 from megaspec.adapters.base import Plan
-from megaspec.dist.assign import assign_layers
-from megaspec.dist.comm import all_gather_object, rank, to_cpu, world_size
-from megaspec.dist.gather import gather_layer, gathered_numel, is_partitioned
+from megaspec.distributed.assign import assign_layers
+from megaspec.distributed.comm import all_gather_object, rank, to_cpu, world_size
+from megaspec.distributed.gather import gather_layer, gathered_numel, is_partitioned
 
 
 def plan_adapters(adapters: dict[str, Adapter]) -> dict[str, Any]:

@@ -1,17 +1,8 @@
-"""Low-rank factorisations of an adapter's update dW = B A, exact where the method's structure allows.
+"""Low-rank factorisations of an adapter's update dW = B A for LoRA export, from exact factors or row blocks.
 
-Pure tensor math (a candidate for megaspec/spectral/): the sparse-spectrum kernels have a
-closed-form factorisation (METHODS.md 1.3, "explicit bases"),
-
-    cas(t + p) = cos t cas p + sin t cas(-p)          (SSH, "dht")
-    cos(t + p) = cos t cos p - sin t sin p            (FourierFT, "fourier")
-    cas t cas p                                       (SSH's released code, "dht_separable")
-
-so dW = Cos_u diag(c) G1_v^T + Sin_u diag(c) G2_v^T has rank <= 2 * #distinct(u). Positions with
-the same row frequency share their Cos/Sin columns, and so do u and -u (cos is even, sin is odd),
-so grouping gives rank <= 2 * #distinct(min(u, M - u)); the same holds by columns, and the
-smaller of the two is taken. Any exact factorisation is then reduced to its numerical rank by
-one QR + SVD of a k x k core (never an M x N matrix), which also gives the best rank-r
+An exact factorisation (Adapter.low_rank_factors: the method's structure, e.g. the sparse-spectrum
+kernels' explicit bases, megaspec.spectral.sparse.spectrum_factors) is reduced to its numerical rank
+by one QR + SVD of a k x k core (never an M x N matrix), which also gives the best rank-r
 truncation. Methods without a known structure go through `svd_by_rows`: an exact SVD from row
 blocks of dW.
 """
@@ -69,58 +60,6 @@ def compress(b: torch.Tensor, a: torch.Tensor) -> LowRank:
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     keep = int((s > rank_tolerance(float(s[0]) if s.numel() else 0.0)).sum())
     return LowRank(qb @ u[:, :keep], s[:keep], qa @ vh[:keep].T)
-
-
-def _fold(freq: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(min(f, size - f), +1 or -1): cos of the two frequencies agree, sin flips sign."""
-    folded = torch.minimum(freq, (size - freq) % size)
-    return folded, torch.where(freq == folded, 1.0, -1.0).double()
-
-
-def _group_by_rows(
-    coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact (B, A) of the sparse-spectrum update with one (or two) columns of B per distinct row frequency."""
-    m, n = shape
-    c = coeffs.double()
-    a_idx = torch.arange(m, dtype=torch.float64)
-    phi = (2 * math.pi / n) * torch.outer(cols.double(), torch.arange(n, dtype=torch.float64))  # (n_coeffs, N)
-    if kernel == "dht_separable":
-        classes, which = torch.unique(rows, return_inverse=True)
-        theta = (2 * math.pi / m) * torch.outer(a_idx, classes.double())
-        right = torch.zeros(classes.numel(), n, dtype=torch.float64).index_add_(0, which, c[:, None] * (phi.cos() + phi.sin()))
-        return theta.cos() + theta.sin(), right / (m * n)
-    folded, sign = _fold(rows, m)
-    classes, which = torch.unique(folded, return_inverse=True)
-    if kernel == "dht":  # cas(t + p) = cos t cas p + sin t cas(-p)
-        g1, g2 = phi.cos() + phi.sin(), phi.cos() - phi.sin()
-    else:  # cos(t + p) = cos t cos p - sin t sin p
-        g1, g2 = phi.cos(), -phi.sin()
-    zeros = torch.zeros(classes.numel(), n, dtype=torch.float64)
-    right_cos = zeros.index_add(0, which, c[:, None] * g1)
-    right_sin = zeros.index_add(0, which, (c * sign)[:, None] * g2)
-    theta = (2 * math.pi / m) * torch.outer(a_idx, classes.double())
-    has_sin = (classes != 0) & (2 * classes != m)  # sin(2 pi a u / M) vanishes for u = 0 and u = M/2
-    left = torch.cat([theta.cos(), theta.sin()[:, has_sin]], dim=1)
-    right = torch.cat([right_cos, right_sin[has_sin]], dim=0)
-    return left, right / (m * n)
-
-
-def spectrum_factors(
-    coeffs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int], kernel: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 (B, A) of dW = kernel-transform(S)/(M N), grouped by rows or by columns, whichever is smaller.
-
-    The kernels are symmetric in (row, column), so grouping by columns is grouping the rows of dW^T.
-    """
-    if kernel not in ("dht", "dht_separable", "fourier"):
-        raise ValueError(f"unknown spectral kernel {kernel!r}")
-    rows, cols = rows.long().cpu(), cols.long().cpu()
-    by_rows = _group_by_rows(coeffs.cpu(), rows, cols, shape, kernel)
-    by_cols_t = _group_by_rows(coeffs.cpu(), cols, rows, (shape[1], shape[0]), kernel)
-    if by_cols_t[0].shape[1] < by_rows[0].shape[1]:
-        return by_cols_t[1].T, by_cols_t[0].T
-    return by_rows
 
 
 def row_blocks(m: int, block: int) -> list[torch.Tensor]:

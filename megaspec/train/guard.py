@@ -1,0 +1,97 @@
+"""How a run notices it must stop: non-finite losses and updates (skip, then give up), and preemption signals."""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any
+
+import torch
+
+from megaspec.distributed.comm import sum_over_ranks
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for more than --max_skipped_steps steps in a row; existing checkpoints are kept."""
+
+
+class NonFiniteGuard:
+    """Skips micro-batches whose loss is NaN/inf on any rank (no backward, no update); stops a run that diverged.
+
+    The flag is all-reduced so every rank skips the same micro-batches (ZeRO-3 collectives stay in
+    lockstep). A step with no finite micro-batch is skipped whole: DeepSpeed is not called, so the
+    weights, optimizer state and LR schedule stay as they were. With gradient accumulation, a step
+    with some finite micro-batches updates from those alone (megaspec.train.loop.accumulate).
+    """
+
+    def __init__(self, limit: int, skipped: int = 0) -> None:
+        self.limit = limit
+        self.skipped = skipped  # steps skipped in the whole run (saved with checkpoints)
+        self.streak = 0  # steps in a row, up to the current one, skipped or with a non-finite gradient norm
+        self.reasons: list[str] = []  # what made the steps of the current streak void
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """Whether this micro-batch's loss is finite on every rank."""
+        ok = bool(torch.isfinite(loss.detach()).all())
+        return sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+
+    def end_step(self, skipped: bool, grad_norm: float | None = None) -> None:
+        """Count a finished step: skipped (no finite micro-batch), or updated with the gradient norm `grad_norm`.
+
+        A void update counts toward the streak too (issue 15: with --lr 1e30 the coefficients reached
+        2e30, RMSNorm's variance overflowed to inf, the hidden states became 0, the loss sat at
+        ln(vocab) with a gradient norm of exactly 0, and the run "finished" with exit 0): a gradient
+        norm that is not finite (clipping then scales the update to 0 or NaN), or exactly 0 with a
+        finite loss (no trainable parameter reaches the loss any more; zero-initialised adapters still
+        get a non-zero gradient at step 1). The norm is all-reduced by DeepSpeed, so every rank agrees.
+        None: the config does not compute it.
+        """
+        if skipped:
+            reason = "loss is not finite"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            reason = "gradient norm is not finite"
+        elif grad_norm == 0.0:
+            reason = "gradient norm is exactly 0 (the loss no longer depends on the adapter)"
+        else:
+            reason = None
+        self.reasons = ([] if not self.streak else self.reasons) + ([reason] if reason and reason not in self.reasons else [])
+        self.streak = self.streak + 1 if reason else 0
+        self.skipped += int(skipped)
+
+    def diverged(self) -> bool:
+        """More than `limit` steps in a row were skipped or had a void update."""
+        return self.streak > self.limit
+
+    def message(self, step: int) -> str:
+        """The one line that stops the run."""
+        return (
+            f"{' and '.join(self.reasons)} at step {step}: {self.streak} steps in a row (from step "
+            f"{step - self.streak + 1}) exceed --max_skipped_steps {self.limit}; the run's checkpoints keep the last "
+            "good state: lower --lr or check the data, then --resume"
+        )
+
+
+def coefficients_finite(trainable: list[torch.nn.Parameter]) -> bool:
+    """Whether every trainable parameter is finite on every rank (this rank's ZeRO-3 partition; all-reduced)."""
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in trainable)
+    return sum_over_ranks([0.0 if ok else 1.0])[0] == 0
+
+
+class StopSignal:
+    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the step's end."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def reason(self) -> str:
+        """Why the run stops, for the log line."""
+        return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got the signal (ranks must stop at the same step)."""
+        return sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
