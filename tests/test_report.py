@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from megaspec.config import AdapterConfig
 from megaspec.model import adapters_of, save_adapter, summarize
 from megaspec.train import figures
-from megaspec.train.loop import TrainConfig, run_folder_problem
+from megaspec.train.config import TrainConfig, run_record
+from megaspec.train.loop import run_folder_problem
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, layer_tags
 from megaspec.train.report import REPORT, build_report, write_report
 
@@ -66,10 +68,10 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A run folder as the loop writes it: configs, metrics, TensorBoard, figures and the final adapter (no DeepSpeed)."""
     out = tmp_path_factory.mktemp("report") / "run"
     model = tiny_model("ssh")
-    cfg = TrainConfig(max_steps=STEPS, n_coeffs=64, output_dir=str(out))
+    cfg = TrainConfig(max_steps=STEPS, adapter=AdapterConfig(n_coeffs=64), output_dir=str(out))
     summary = summarize(model, "ssh")
     out.mkdir(parents=True)
-    (out / "train_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "base_folder": None}))
+    (out / "train_config.json").write_text(json.dumps(run_record(cfg, None)))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), default=str))
     (out / "ds_config.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     logger = RunLogger(out)
