@@ -27,18 +27,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
+from megaspec import cli
 from megaspec.benchmarks.common import LLAMA_CONFIGS, machine, parse_methods, registered_methods, table
 from megaspec.train.dsconfig import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2), not the usage text.
+class Parser(cli.Parser):
+    """One-line errors prefixed `bench:` (megaspec.cli).
 
     Flags are --snake_case like every megaspec tool; the --kebab-case spelling of earlier releases
     is still accepted (not shown in --help), so old benchmark commands keep working.
@@ -48,9 +49,7 @@ class Parser(argparse.ArgumentParser):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args([snake_case_flag(a) for a in args], namespace)
 
-    def error(self, message: str) -> NoReturn:
-        print(f"bench: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    tool = "bench"
 
 
 def snake_case_flag(arg: str) -> str:

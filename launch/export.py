@@ -15,7 +15,8 @@ import math
 import os
 import sys
 import warnings
-from typing import NoReturn
+
+from megaspec import cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -23,13 +24,10 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 FORMATS = ("merged", "peft", "megaspec")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2)."""
+class Parser(cli.Parser):
+    """One-line errors prefixed `export:` (megaspec.cli)."""
 
-    def error(self, message: str) -> NoReturn:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"export: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    tool = "export"
 
 
 def positive_float(text: str) -> float:

@@ -11,18 +11,17 @@ import math
 import os
 import sys
 import warnings
-from typing import NoReturn
+
+from megaspec import cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2)."""
+class Parser(cli.Parser):
+    """One-line errors prefixed `generate:` (megaspec.cli)."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"generate: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    tool = "generate"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

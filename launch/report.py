@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+
+from megaspec import cli
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2)."""
+class Parser(cli.Parser):
+    """One-line errors prefixed `report:` (megaspec.cli)."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"report: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    tool = "report"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,18 +10,17 @@ import argparse
 import os
 import sys
 import warnings
-from typing import NoReturn
+
+from megaspec import cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2), not the usage text."""
+class Parser(cli.Parser):
+    """One-line errors prefixed `train:` (megaspec.cli)."""
 
-    def error(self, message: str) -> NoReturn:
-        say(f"train: error: {message}")
-        sys.exit(2)
+    tool = "train"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -150,6 +150,7 @@ TRAIN = [
     Case("selection_typo", "train", train("--selection", "globl"), "argument --selection: invalid choice: 'globl'"),
     Case("max_steps_not_a_number", "train", train("--max_steps", "ten"), "argument --max_steps: invalid int value: 'ten'"),
     Case("unknown_flag", "train", train("--ncoeffs", "5"), "unrecognized arguments: --ncoeffs 5"),
+    Case("abbreviated_flag", "train", train("--max_step", "3"), "unrecognized arguments: --max_step 3"),
     Case("dataset_broken_line", "train", train("--dataset", "WS/broken_line.jsonl"), "broken_line.jsonl line 6 is not valid JSON"),
     Case("dataset_binary", "train", train("--dataset", "WS/binary.jsonl"), "binary.jsonl line 4 holds binary data"),
     Case("dataset_latin1", "train", train("--dataset", "WS/latin1.jsonl"), "latin1.jsonl is not UTF-8 (line 8, byte 0xe9); convert it, e.g. iconv -f latin1 -t utf-8"),

@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 import warnings
-from typing import NoReturn
+
+from megaspec import cli
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -21,12 +22,10 @@ MODELS = ("smollm2",)
 DATASETS = ("boolq", "arc_easy")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line on stderr (exit 2)."""
+class Parser(cli.Parser):
+    """One-line errors prefixed `assets:` (megaspec.cli)."""
 
-    def error(self, message: str) -> NoReturn:
-        print(f"assets: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    tool = "assets"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
