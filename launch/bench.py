@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load|host_memory|merge_base> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load|host_memory|merge_base|events> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -14,6 +14,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
     python launch/bench.py load                           # per-rank peak of loading bf16/nf4/int8 under ZeRO-3, 1 and 2 CPU ranks
     python launch/bench.py host_memory                    # per-rank peak RSS of megaspec vs HF Trainer + peft on SmolLM2, 2 CPU ranks
+    python launch/bench.py events                         # TensorBoard event-file and report.html size of an 80-layer model, 1,000 steps
     python launch/bench.py merge_base                     # SmolLM2 perplexity: fp32, nf4, an nf4-trained adapter merged onto each base
 """
 
@@ -343,6 +344,13 @@ def merge_base(args: argparse.Namespace) -> tuple[Any, str]:
     return result, bench.format_table(result)
 
 
+def events(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import events as bench
+
+    result = bench.run(args.layers, args.hidden, args.steps, args.image_every, args.n_coeffs, args.folder)
+    return result, bench.format_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megaspec.distributed.comm import prefer_cpu_accelerator
 
@@ -478,6 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=count(1), default=3)
     p.add_argument("--seq_len", type=count(8), default=256)
     p.set_defaults(func=host_memory, inputs=real_inputs)
+
+    p = sub.add_parser("events", parents=[common], help="TensorBoard event-file and report.html size of a deep model's monitoring")
+    p.add_argument("--layers", type=count(1), default=80)
+    p.add_argument("--hidden", type=count(64), default=512)
+    p.add_argument("--steps", type=count(1), default=1000)
+    p.add_argument("--image_every", type=count(1), default=50)
+    p.add_argument("--n_coeffs", type=count(1), default=750)
+    p.add_argument("--folder", default=None, help="keep the run folder here instead of a temporary one")
+    p.set_defaults(func=events)
 
     p = sub.add_parser("merge_base", parents=[common],
                        help="held-out perplexity of the fp32 base, its quantized copy, and an adapter trained on it merged onto each")

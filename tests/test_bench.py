@@ -274,3 +274,13 @@ def test_throughput_reports_a_bad_ds_config_in_one_line(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     result = bench_cli("throughput", "--ds_config", str(tmp_path / "bad.json"))
     assert result.returncode == 2 and "is not valid JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_events_sizes_add_up_on_a_small_model():
+    from megaspec.benchmarks import events
+
+    r = events.run(layers=2, hidden=64, steps=2, image_every=1, n_coeffs=8)
+    # step 0 allocation; steps 1 and 2: up to 6 spectrum images (4 adapted layers) + one growth heatmap each
+    assert r["images"] == 1 + 2 * (4 + 1)
+    assert r["spectrum_bytes"] + r["growth_bytes"] + r["allocation_bytes"] == r["image_bytes"] <= r["event_bytes"]
+    assert r["report_bytes"] > r["allocation_bytes"]

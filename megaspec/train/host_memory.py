@@ -5,10 +5,9 @@ the system on free. By default that threshold is dynamic: the first freed mmap c
 its own size, up to 32 MiB, so from the second training step on every activation and gradient
 tensor below 32 MiB comes from the heap instead. A freed heap chunk goes back to the system only
 when it is at the top of the heap, so each step leaves behind freed memory that the next step's
-different allocation order cannot fully reuse. On SmolLM2-135M (1 CPU rank, 4 x 256 tokens) the
-live tensors stay at 0.52 GiB while the resident set climbs from 3.1 to 4.0 GiB between steps and
-peaks at 4.4-4.9 GiB; with a fixed threshold it returns to 1.2 GiB after every step and peaks at
-2.9 GiB (`python launch/bench.py host_memory`, BENCHMARKS.md). Setting the threshold once, before
+different allocation order cannot fully reuse. On SmolLM2-135M (2 CPU ranks, 4 x 256 tokens) an SSH rank
+peaked at 4.84-4.89 GiB with glibc's default and 3.35 GiB with a fixed threshold; HF Trainer + peft,
+3.83-3.87 and 3.11 GiB (`python launch/bench.py host_memory`, BENCHMARKS.md). Setting the threshold once, before
 training, switches the dynamic adjustment off.
 """
 
