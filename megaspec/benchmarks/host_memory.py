@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megaspec.benchmarks.common import free_port, table
+from megaspec.benchmarks.selection import peak_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S = 0.2
@@ -74,17 +75,6 @@ def job_env(job: Job) -> dict[str, str]:
     return env
 
 
-def _status_kib(pid: int, key: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _rank_pids(root: int) -> list[int]:
     """Processes under `root` started for a rank (the launcher passes --local_rank)."""
     import psutil
@@ -114,9 +104,10 @@ def measure(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, An
                 proc.wait()
                 raise RuntimeError(f"{' '.join(cmd[:6])} ... did not finish in {timeout:.0f} s")
             for pid in _rank_pids(proc.pid):
-                hwm = _status_kib(pid, "VmHWM:")
-                if hwm is not None:
-                    peaks[pid] = max(peaks.get(pid, 0), hwm * 1024)
+                try:
+                    peaks[pid] = max(peaks.get(pid, 0), peak_bytes(pid))
+                except (OSError, KeyError):  # the rank exited between listing and reading
+                    continue
             time.sleep(POLL_S)
         if proc.returncode != 0:
             log.seek(0)

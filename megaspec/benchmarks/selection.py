@@ -42,8 +42,8 @@ CANDIDATE_BYTES = 12  # fp32 score + int64 flat position
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
+def _status_kib(key: str, pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
@@ -65,9 +65,9 @@ def rss_bytes() -> int:
     return 1024 * _status_kib("VmRSS")
 
 
-def peak_bytes() -> int:
-    """High-water mark of this process's resident set size (since start or the last reset_peak)."""
-    return 1024 * _status_kib("VmHWM")
+def peak_bytes(pid: int | str = "self") -> int:
+    """High-water mark of a process's resident set size (this one by default; since start or the last reset_peak)."""
+    return 1024 * _status_kib("VmHWM", pid)
 
 
 def ssh_config(n_coeffs: int, energy_ratio: float) -> AdapterConfig:
