@@ -255,12 +255,16 @@ def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def quality_inputs(args: argparse.Namespace) -> None:
-    """--real: the data files exist and the model can be had (a .gguf is checked from its header): ConfigError if not."""
-    if not args.real:
-        return
+    """--real: the real model and data can be had (real_inputs)."""
+    if args.real:
+        real_inputs(args)
+
+
+def real_inputs(args: argparse.Namespace) -> None:
+    """The data files exist and the model can be had (a .gguf is checked from its header): ConfigError if not."""
     from megaspec.benchmarks import real_quality as bench
 
-    problem = bench.check_files(args.dataset, args.test)
+    problem = bench.check_files(args.dataset, getattr(args, "test", None))
     if problem:
         raise ConfigError(problem)
     if args.model is None:
@@ -314,18 +318,11 @@ def load(args: argparse.Namespace) -> tuple[Any, str]:
     return result, bench.format_table(result)
 
 
-def real_model(model: str | None) -> str:
-    """--model as an HF folder: the given one (a .gguf converted once), else SmolLM2-135M from the cache."""
-    from megaspec.assets import smollm2_gguf
+def real_model(model: str) -> str:
+    """--model (checked by real_inputs; SmolLM2-135M's GGUF by default) as an HF folder: a .gguf is converted once."""
     from megaspec.gguf import resolve_model
 
-    return resolve_model(model or str(smollm2_gguf()), torch.float32)
-
-
-def real_inputs(args: argparse.Namespace) -> None:
-    """The data file exists (ConfigError naming the command that writes it)."""
-    if not Path(args.dataset).is_file():
-        raise ConfigError(f"--dataset {args.dataset} does not exist; write it with python -m megaspec.assets boolq")
+    return resolve_model(model, torch.float32)
 
 
 def host_memory(args: argparse.Namespace) -> tuple[Any, str]:
