@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = from_flags(TrainConfig, args)
         for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
             say(f"train: warning: {warning}")
+        if cfg.show_data:
+            print_data(cfg)
+            return 0
         result = train(cfg)
     except WriteFailed as e:  # on the rank whose write failed; its exit makes the launcher end the others
         if e.origin_rank == int(os.environ.get("RANK", "0")):
@@ -82,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if not joined_before:
         leave_process_group(wait=True)
     return EXIT_STOPPED if result.get("stopped") else 0
+
+
+def print_data(cfg: object) -> None:
+    """--show_data N: the first N formatted training examples on stdout, trained tokens marked (megaspec.train.show_data)."""
+    from megaspec.train.loop import data_config, run_tokenizer
+    from megaspec.train.show_data import show_data
+
+    print(show_data(data_config(cfg), run_tokenizer(cfg), cfg.show_data, colour=sys.stdout.isatty()), flush=True)
 
 
 def say(line: str) -> None:

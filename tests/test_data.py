@@ -110,7 +110,7 @@ def test_txt_file_packs_into_hand_counted_blocks(tmp_path, tok):
 def test_instruction_masking_masks_exactly_the_prompt(tmp_path, tok):
     records = embedded_instructions(6, seed=1)
     path = _write_jsonl(tmp_path / "inst.jsonl", records)
-    cfg = DataConfig(dataset=str(path), seq_len=32, eval_fraction=0.0, pack=False)
+    cfg = DataConfig(dataset=str(path), seq_len=32, eval_fraction=0.0, packing="none")
     train, _ = build_datasets(cfg, tok)
     order = torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
     assert len(train) == 6
@@ -128,7 +128,7 @@ def test_alpaca_fields_map_to_prompt_and_response(tmp_path, tok):
         {"instruction": "reverse", "input": "abc", "output": "cba"},
     ]
     path = _write_jsonl(tmp_path / "alpaca.jsonl", records)
-    train, _ = build_datasets(DataConfig(dataset=str(path), seq_len=64, eval_fraction=0.0, pack=False), tok)
+    train, _ = build_datasets(DataConfig(dataset=str(path), seq_len=64, eval_fraction=0.0, packing="none"), tok)
     prompts = sorted(
         tok.decode(row[(lab == IGNORE) & (mask == 1)][1:])
         for row, lab, mask in zip(train.input_ids, train.labels, train.attention_mask, strict=True)
@@ -244,7 +244,7 @@ def test_other_data_errors(tmp_path, tok):
         tmp_path / "long.jsonl", [{"prompt": "1 2 3 4 5 6 7 8 9", "response": "x"}] * 4
     )
     with pytest.raises(DataError, match="empty after tokenising"):
-        build_datasets(DataConfig(dataset=str(long_prompt), seq_len=4, pack=False), tok)
+        build_datasets(DataConfig(dataset=str(long_prompt), seq_len=4, packing="none"), tok)
     with pytest.raises(DataError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
 

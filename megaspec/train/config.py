@@ -28,6 +28,14 @@ class TrainConfig:
                                          "take further passes (megaspec.calibrate)")
     max_steps: int = option(100, "optimizer steps of the run")
     seq_len: int = option(128, "tokens per training block", resume=True)
+    packing: str = option("isolated", "records into blocks: isolated concatenates them with per-document positions and "
+                          "attention (no cross-document attention), naive concatenates them, none gives each its own "
+                          "block (truncated, padded)", choices=("none", "naive", "isolated"), resume="when_set")
+    chat_template: str = option("auto", "chat template for messages/conversations and prompt/response records: auto (the "
+                                "tokenizer's, if any), none (plain prompt + response), or a .jinja file",
+                                resume="when_set")
+    show_data: int = option(0, "print the first N training examples as trained, trained tokens marked, and exit "
+                            "(no DeepSpeed, nothing written)")
     lr: float | None = option(None, "peak learning rate (default: the method's, Adapter.default_lr)")
     warmup_ratio: float = option(0.06, "fraction of max_steps of linear LR warmup")
     seed: int = option(42, "seeds the data order, the adapter's plan and its parameters", resume=True)

@@ -15,10 +15,20 @@ from sentencepiece import sentencepiece_model_pb2
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
 
+from megaspec.train.chat import (
+    CHAT_FIELDS,
+    ChatError,
+    chat_field,
+    pair_messages,
+    resolve_template,
+    to_messages,
+    tokenize_chats,
+)
 from megaspec.train.embedded import embedded_corpus, embedded_instructions, embedded_tokenizer
 
 IGNORE = -100  # label value the HF causal-LM loss skips
-FORMATS = ("auto", "text", "instruction")
+FORMATS = ("auto", "text", "instruction", "chat")
+PACKING = ("none", "naive", "isolated")  # one block per record | concatenated | concatenated, documents kept apart
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 ALPACA_FIELDS = ("instruction", "input", "output")
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -41,28 +51,34 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     eval_fraction: float = 0.05  # of records; at least one record (hence one block) when > 0
-    pack: bool = True
+    packing: str = "naive"  # PACKING; the trainer's --packing defaults to isolated
     seed: int = 0
-    format: str = "auto"  # "auto" | "text" | "instruction"
+    format: str = "auto"  # "auto" | "text" | "instruction" | "chat"
+    chat_template: str | None = "none"  # "auto": the tokenizer's; "none"; or a .jinja file (the trainer's default is auto)
     add_bos: bool = True  # prepend BOS to every record, as LLaMA pretraining did
     embedded_records: int = 2000  # size of the embedded default dataset
 
 
 class BlockDataset(Dataset):
-    """Fixed-length token blocks held as three [n_blocks, seq_len] LongTensors."""
+    """Fixed-length token blocks held as [n_blocks, seq_len] LongTensors.
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    position_ids (isolated packing) restart at 0 at every document and block start; a batch that
+    carries them goes to the model without attention_mask (see `collate`).
+    """
+
+    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None):
         self.input_ids, self.labels, self.attention_mask = input_ids, labels, attention_mask
+        self.position_ids = position_ids
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.input_ids[i],
-            "labels": self.labels[i],
-            "attention_mask": self.attention_mask[i],
-        }
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[i]
+        return item
 
 
 def _looks_like_path(name: str) -> bool:
@@ -121,9 +137,11 @@ def load_records(path_or_id: str) -> datasets.Dataset:
 
 
 def detect_format(columns: Sequence[str], cfg: DataConfig) -> str:
-    """'instruction' (prompt/response or alpaca fields) or 'text', honouring cfg.format; DataError if neither fits."""
+    """'chat' (messages/conversations), 'instruction' (prompt/response or alpaca) or 'text', honouring cfg.format."""
     if cfg.format not in FORMATS:
         raise DataError(f"unknown data format {cfg.format!r}; use one of {', '.join(FORMATS)}")
+    if cfg.format in ("auto", "chat") and chat_field(columns):
+        return "chat"
     has_pair = cfg.prompt_field in columns and cfg.response_field in columns
     has_alpaca = "instruction" in columns and "output" in columns
     if cfg.format in ("auto", "instruction") and (has_pair or has_alpaca):
@@ -131,7 +149,9 @@ def detect_format(columns: Sequence[str], cfg: DataConfig) -> str:
     if cfg.format in ("auto", "text") and cfg.text_field in columns:
         return "text"
     wanted = {
-        "auto": f"'{cfg.text_field}' (text), '{cfg.prompt_field}'+'{cfg.response_field}' or 'instruction'+'output'",
+        "auto": f"'messages' or 'conversations' (chat), '{cfg.text_field}' (text), '{cfg.prompt_field}'+"
+                f"'{cfg.response_field}' or 'instruction'+'output'",
+        "chat": "'messages' or 'conversations'",
         "text": f"'{cfg.text_field}'",
         "instruction": f"'{cfg.prompt_field}'+'{cfg.response_field}' or 'instruction'+'output'",
     }[cfg.format]
@@ -142,8 +162,11 @@ def detect_format(columns: Sequence[str], cfg: DataConfig) -> str:
 
 
 def format_fields(columns: Sequence[str], cfg: DataConfig) -> list[str]:
-    """The fields the loop reads as text for the format detect_format picks from `columns`."""
-    if detect_format(columns, cfg) == "text":
+    """The fields the loop reads (as text, or a chat's turns) for the format detect_format picks from `columns`."""
+    fmt = detect_format(columns, cfg)
+    if fmt == "chat":
+        return [chat_field(columns)]
+    if fmt == "text":
         return [cfg.text_field]
     if cfg.prompt_field in columns and cfg.response_field in columns:
         return [cfg.prompt_field, cfg.response_field]
@@ -191,14 +214,30 @@ def _json_records(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _check_json_records(path: Path, records: Iterable[tuple[str, object]], cfg: DataConfig) -> None:
-    """Every record is an object whose text fields hold strings (or null)."""
+    """Every record is an object holding the format's fields: strings (or null), or a chat with an assistant turn."""
     fields: list[str] | None = None
-    for where, record in records:
+    for where, record in chain(records, [("", None)]):
+        if where == "":
+            if fields is None:
+                raise DataError(f"dataset file {path} is empty (no records); add records, one JSON object per line")
+            return
         if not isinstance(record, dict):
             raise DataError(f"dataset file {path} {where} is a JSON {type(record).__name__}, not an object; "
                             "write one object per record")
         if fields is None:
-            fields = format_fields(list(record), cfg)
+            try:
+                fields = format_fields(list(record), cfg)
+            except DataError as e:
+                raise DataError(f"dataset file {path} {where}: {e}") from None
+        if not any(name in record for name in fields):
+            raise DataError(f"dataset file {path} {where} has fields {sorted(record)} but none of {fields} that the "
+                            "records before it have; give every record the same fields")
+        if fields[0] in CHAT_FIELDS:
+            try:
+                to_messages(record.get(fields[0]))
+            except ChatError as e:
+                raise DataError(f"dataset file {path} {where}: {e}") from None
+            continue
         for name in fields:
             value = record.get(name)
             if value is not None and not isinstance(value, str):
@@ -230,7 +269,7 @@ def _check_parquet(path: Path, cfg: DataConfig) -> None:
         raise DataError(f"dataset file {path} is not a readable parquet file ({_first_line(e)}); re-write it") from None
     schema = table.schema_arrow
     fields = format_fields(schema.names, cfg)
-    for name in fields:
+    for name in [f for f in fields if f not in CHAT_FIELDS]:
         kind = schema.field(name).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
             raise DataError(f"dataset file {path}: field '{name}' holds {kind} values, not strings; make it text")
@@ -276,11 +315,14 @@ def _strings(ds: datasets.Dataset, field: str) -> list[str]:
     return ["" if v is None else v for v in values]
 
 
-def _instruction_pairs(ds: datasets.Dataset, cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(prompts, responses), mapping alpaca instruction/input/output onto a fixed prompt template."""
+def _instruction_pairs(ds: datasets.Dataset, cfg: DataConfig, chat: bool = False) -> tuple[list[str], list[str]]:
+    """(prompts, responses), mapping alpaca instruction/input/output onto a fixed prompt (chat: the user turn)."""
     if cfg.prompt_field in ds.column_names and cfg.response_field in ds.column_names:
         return _strings(ds, cfg.prompt_field), _strings(ds, cfg.response_field)
     inputs = _strings(ds, "input") if "input" in ds.column_names else [""] * len(ds)
+    if chat:
+        return ([f"{ins}\n\n{inp}" if inp.strip() else ins for ins, inp in zip(_strings(ds, "instruction"), inputs, strict=True)],
+                _strings(ds, "output"))
     prompts = [
         (ALPACA_PROMPT_INPUT if inp.strip() else ALPACA_PROMPT).format(instruction=ins, input=inp)
         for ins, inp in zip(_strings(ds, "instruction"), inputs, strict=True)
@@ -322,21 +364,39 @@ def tokenize_instructions(
 def _keep_trained(blocks: BlockDataset) -> BlockDataset:
     """Drop blocks with no label to predict (HF shifts labels, so position 0 is never a target): they give NaN loss."""
     keep = (blocks.labels[:, 1:] != IGNORE).any(dim=1)
-    return BlockDataset(blocks.input_ids[keep], blocks.labels[keep], blocks.attention_mask[keep])
+    positions = None if blocks.position_ids is None else blocks.position_ids[keep]
+    return BlockDataset(blocks.input_ids[keep], blocks.labels[keep], blocks.attention_mask[keep], positions)
 
 
-def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> BlockDataset:
-    """Concatenate examples and cut into seq_len blocks; the last block is right-padded (label -100, mask 0)."""
+def document_positions(lengths: Sequence[int], n_blocks: int, seq_len: int) -> torch.Tensor:
+    """[n_blocks, seq_len] positions that restart at 0 at every document and every block start (padding: one more document)."""
+    total = n_blocks * seq_len
+    starts = torch.zeros(total, dtype=torch.bool)
+    offsets = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+    starts[offsets[offsets < total]] = True
+    starts[::seq_len] = True
+    index = torch.arange(total)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(0).values
+    return (index - first).view(n_blocks, seq_len)
+
+
+def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int, isolate: bool = False) -> BlockDataset:
+    """Concatenate examples and cut into seq_len blocks; the last block is right-padded (label -100, mask 0).
+
+    isolate: also store per-document position_ids, so documents sharing a block do not attend to each other.
+    """
     ids = list(chain.from_iterable(e[0] for e in examples))
     labels = list(chain.from_iterable(e[1] for e in examples))
     n_blocks = -(-len(ids) // seq_len)
     pad = n_blocks * seq_len - len(ids)
     mask = [1] * len(ids) + [0] * pad
+    positions = document_positions([len(e[0]) for e in examples], n_blocks, seq_len) if isolate else None
     return _keep_trained(
         BlockDataset(
             torch.tensor(ids + [pad_id] * pad, dtype=torch.long).view(n_blocks, seq_len),
             torch.tensor(labels + [IGNORE] * pad, dtype=torch.long).view(n_blocks, seq_len),
             torch.tensor(mask, dtype=torch.long).view(n_blocks, seq_len),
+            positions,
         )
     )
 
@@ -379,21 +439,59 @@ def _embedded_records(cfg: DataConfig) -> datasets.Dataset:
     return datasets.Dataset.from_list(records)
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[BlockDataset, BlockDataset]:
-    """(train, eval) datasets of fixed-length blocks; items are dict(input_ids, labels, attention_mask)."""
-    if cfg.seq_len < 2:
-        raise DataError(f"seq_len={cfg.seq_len} is too short; use at least 2 tokens")
+def _chat_examples(
+    conversations: Sequence[list[dict[str, str]]], rows: Sequence[int], tokenizer: PreTrainedTokenizerBase,
+    template: str, name: str,
+) -> list[Example]:
+    """Template-rendered examples (megaspec.train.chat), errors naming the dataset and record."""
+    try:
+        return tokenize_chats(conversations, tokenizer, template, [f"dataset {name} record {r + 1}" for r in rows])
+    except ChatError as e:
+        raise DataError(str(e)) from None
+
+
+def _conversations(ds: datasets.Dataset, field: str, name: str) -> list[list[dict[str, str]]]:
+    """Every record's turns as role/content messages; DataError naming the record for a malformed one."""
+    out = []
+    for row, turns in enumerate(ds[field]):
+        try:
+            out.append(to_messages(turns))
+        except ChatError as e:
+            raise DataError(f"dataset {name} record {row + 1}: {e}") from None
+    return out
+
+
+def build_examples(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[Example], list[Example], str]:
+    """(train, eval) examples (one per record, formatted and masked, before packing) and the dataset's name."""
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise DataError("tokenizer has no eos/pad token; load it with megaspec.train.data.load_tokenizer")
+    if cfg.packing not in PACKING:
+        raise DataError(f"unknown packing {cfg.packing!r}; use one of {', '.join(PACKING)}")
     if cfg.dataset is None:
         ds, name = _embedded_records(cfg), "embedded default"
     else:
         ds, name = load_records(cfg.dataset), cfg.dataset
+    if len(ds) == 0:
+        raise DataError(f"dataset {name!r} is empty (no records); add records")
     fmt = detect_format(ds.column_names, cfg)
-    if fmt == "instruction":
-        prompts, responses = _instruction_pairs(ds, cfg)
+    try:
+        template = resolve_template(tokenizer, cfg.chat_template) if fmt != "text" else None
+    except ChatError as e:
+        raise DataError(str(e)) from None
+    chats: list[list[dict[str, str]]] = []
+    if fmt == "chat":
+        if template is None:
+            raise DataError(f"dataset {name!r} holds chat records but the tokenizer has no chat template; "
+                            "pass --chat_template FILE.jinja")
+        chats = _conversations(ds, chat_field(ds.column_names), name)
+        keep, what = list(range(len(chats))), "an assistant turn"
+    elif fmt == "instruction":
+        prompts, responses = _instruction_pairs(ds, cfg, chat=template is not None)
         keep = [i for i, r in enumerate(responses) if r.strip()]
         what = "a non-empty response"
+        chats = [pair_messages(p, r) for p, r in zip(prompts, responses, strict=True)] if template else []
     else:
         texts = _strings(ds, cfg.text_field)
         keep = [i for i, t in enumerate(texts) if t.strip()]
@@ -403,30 +501,63 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple
             f"dataset {name!r} has no record with {what} ({len(ds)} records read); check the fields"
         )
     train_idx, eval_idx = split_indices(len(keep), cfg.eval_fraction, cfg.seed)
-    to_blocks = pack_examples if cfg.pack else pad_examples
     out = []
     for idx in (train_idx, eval_idx):
         rows = [keep[i] for i in idx]
-        if fmt == "instruction":
+        if chats:
+            examples = _chat_examples([chats[i] for i in rows], rows, tokenizer, template, name)
+        elif fmt == "instruction":
             examples = tokenize_instructions(
                 [prompts[i] for i in rows], [responses[i] for i in rows], tokenizer, cfg.add_bos
             )
         else:
             examples = tokenize_texts([texts[i] for i in rows], tokenizer, cfg.add_bos)
-        out.append(to_blocks(examples, cfg.seq_len, tokenizer.pad_token_id))
-    train, evals = out
-    if len(train) == 0 or (eval_idx and len(evals) == 0):
+        out.append(examples)
+    return out[0], out[1], name
+
+
+def to_blocks(examples: Sequence[Example], cfg: DataConfig, pad_id: int) -> BlockDataset:
+    """Examples as seq_len blocks, by cfg.packing."""
+    if cfg.packing == "none":
+        return pad_examples(examples, cfg.seq_len, pad_id)
+    return pack_examples(examples, cfg.seq_len, pad_id, isolate=cfg.packing == "isolated")
+
+
+def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[BlockDataset, BlockDataset]:
+    """(train, eval) datasets of fixed-length blocks; items are dict(input_ids, labels, attention_mask[, position_ids])."""
+    if cfg.seq_len < 2:
+        raise DataError(f"seq_len={cfg.seq_len} is too short; use at least 2 tokens")
+    train_examples, eval_examples, name = build_examples(cfg, tokenizer)
+    train, evals = (to_blocks(e, cfg, tokenizer.pad_token_id) for e in (train_examples, eval_examples))
+    if len(train) == 0 or (eval_examples and len(evals) == 0):
         split = "train" if len(train) == 0 else "eval"
         raise DataError(
             f"{split} split of {name!r} is empty after tokenising: no block has a label to train on "
-            f"(prompts longer than seq_len={cfg.seq_len}?); raise seq_len or use pack=True"
+            f"(prompts longer than seq_len={cfg.seq_len}?); raise seq_len or use --packing isolated"
         )
     return train, evals
 
 
-def _collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-item tensors into a batch."""
-    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-item tensors into a model-ready batch.
+
+    With position_ids (isolated packing) the 2-D attention_mask is left out: transformers then
+    reads document boundaries from the position resets (a block-diagonal causal mask for eager and
+    sdpa, varlen kernels for flash attention), built per micro-batch. It does so only when the
+    forward has no KV cache: the loop sets model.config.use_cache = False (tests/test_chat.py
+    checks the losses against each document alone); megaspec.train.validate refuses a
+    transformers without packed-sequence masks.
+    """
+    batch = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+    if "position_ids" in batch:
+        del batch["attention_mask"]
+    return batch
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Input tokens of a batch (padding excluded where the batch carries its attention_mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def batch_iterator(
@@ -454,7 +585,7 @@ def batch_iterator(
     step = start_step
     while True:
         first = step * global_batch + rank * batch_size
-        yield _collate([dataset[order(p // n)[p % n]] for p in range(first, first + batch_size)])
+        yield collate([dataset[order(p // n)[p % n]] for p in range(first, first + batch_size)])
         step += 1
 
 

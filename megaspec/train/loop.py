@@ -49,7 +49,15 @@ from megaspec.train.checkpoint import (
     save_checkpoint,
 )
 from megaspec.train.config import TrainConfig, resume_keys, run_record
-from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
+from megaspec.train.data import (
+    IGNORE,
+    DataConfig,
+    batch_iterator,
+    batch_tokens,
+    build_datasets,
+    collate,
+    load_tokenizer,
+)
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
@@ -118,13 +126,13 @@ def evaluate(engine: Any, eval_set: Any, micro_batch: int, max_batches: int) -> 
         idx = [s * micro_batch * world + r * micro_batch + i for i in range(micro_batch)]
         real = [i for i in idx if i < n]
         items = [eval_set[i] for i in (real or [0])]
-        batch = _to_device({k: torch.stack([it[k] for it in items]) for k in items[0]}, device())
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        batch = _to_device(collate(items), device())
+        labels = batch.pop("labels")[:, 1:]
+        logits = engine(**batch).logits.float()  # position_ids too, with isolated packing
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
         if real:
             loss_sum += float(losses)
-            tokens += float((labels != -100).sum())
+            tokens += float((labels != IGNORE).sum())
     loss_sum, tokens = sum_over_ranks([loss_sum, tokens])
     engine.train()
     loss = loss_sum / max(tokens, 1.0)
@@ -252,8 +260,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
-    data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction")
-    train_set, eval_set = build_datasets(data_cfg, tokenizer)
+    train_set, eval_set = build_datasets(data_config(cfg), tokenizer)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -318,7 +325,7 @@ def accumulate(engine: Any, batches: Iterator[dict[str, torch.Tensor]], guard: N
         engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
-        tokens += float(batch["attention_mask"].sum())
+        tokens += batch_tokens(batch)
     if losses:
         _catch_up(engine, owed)
     return losses, tokens
@@ -394,6 +401,18 @@ def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> No
         write()
     except OSError as exc:
         raise write_failed(exc, "the final adapter", out, read_latest(out / CHECKPOINTS)) from exc
+
+
+def data_config(cfg: TrainConfig) -> DataConfig:
+    """The run's DataConfig; the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus."""
+    return DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction",
+                      packing=cfg.packing, chat_template=cfg.chat_template)
+
+
+def run_tokenizer(cfg: TrainConfig) -> Any:
+    """The run's tokenizer: --tokenizer, else the model's own, else the embedded one."""
+    model_path = resolve_model(cfg.model, run_dtype(read_ds_config(cfg.ds_config))) if cfg.model else str(embedded_base())
+    return load_tokenizer(cfg.tokenizer or _model_tokenizer(model_path))
 
 
 def _model_tokenizer(model: str | None) -> str | None:

@@ -26,6 +26,7 @@ from megaspec.adapters import adapter_class, linear_shape
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
+from megaspec.train.chat import CHAT_FIELDS
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
 from megaspec.train.config import TrainConfig, resume_keys
 from megaspec.train.data import (
@@ -58,13 +59,15 @@ def validate(cfg: TrainConfig) -> list[str]:
     model = resolve_model(cfg.model, run_dtype(raw_ds))  # a .gguf: checked from its header, then converted once (cached)
     model_config = load_model_config(model)
     check_seq_len(cfg.seq_len, model_config)
-    check_tokenizer(cfg, model_config, model)
+    tokenizer = check_tokenizer(cfg, model_config, model)
     check_adapters(cfg, model_config)
     use_checkpointing(getattr(cfg, "gradient_checkpointing", "auto"), 0)  # a bad setting fails here
     if getattr(cfg, "s2ft_estimate_group_mb", 1) < 1:
         raise ConfigError(f"--s2ft_estimate_group_mb {cfg.s2ft_estimate_group_mb} must be at least 1")
     check_attn_implementation(getattr(cfg, "attn_implementation", None), model_config)
     check_dataset(cfg.dataset)
+    check_packing(getattr(cfg, "packing", "naive"))
+    check_chat(cfg, tokenizer)
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
         check_quantize(cfg.quantize)
@@ -72,7 +75,8 @@ def validate(cfg: TrainConfig) -> list[str]:
             from megaspec.quant_load import check_checkpoint
 
             check_checkpoint(model, raw_ds, cfg.quantize)  # quantize on load reads safetensors
-    check_output_dir(cfg)  # last: every other input is known good before the folder's state is judged
+    if not getattr(cfg, "show_data", 0):  # --show_data writes nothing, so an existing run folder is no concern
+        check_output_dir(cfg)  # last: every other input is known good before the folder's state is judged
     return warnings
 
 
@@ -88,7 +92,7 @@ def check_numbers(cfg: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} {value} must be at least 1")
-    for name in ("eval_every", "eval_batches", "max_skipped_steps"):
+    for name in ("eval_every", "eval_batches", "max_skipped_steps", "show_data"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"--{name} {getattr(cfg, name)} must be 0 or more")
     rates = {"lr": cfg.lr, "scale": a.scale, "alpha": a.alpha}  # None: the method's default
@@ -316,7 +320,7 @@ def check_seq_len(seq_len: int, model_config: Any) -> None:
         raise ConfigError(f"--seq_len {seq_len} exceeds the model's max_position_embeddings {limit}; use --seq_len {limit} or less")
 
 
-def check_tokenizer(cfg: TrainConfig, model_config: Any, model: str | None = None) -> None:
+def check_tokenizer(cfg: TrainConfig, model_config: Any, model: str | None = None) -> Any:
     """The tokenizer loads and every id it emits has a row in the model's embedding (`model`: --model as resolved)."""
     source = cfg.tokenizer or _model_tokenizer(model if model is not None else cfg.model)
     tokenizer = load_tokenizer(source)
@@ -325,6 +329,7 @@ def check_tokenizer(cfg: TrainConfig, model_config: Any, model: str | None = Non
         name = source or "the embedded tokenizer"
         raise ConfigError(f"tokenizer {name} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
                           "pass the model's own tokenizer with --tokenizer")
+    return tokenizer
 
 
 def check_adapters(cfg: TrainConfig, model_config: Any) -> None:
@@ -404,12 +409,63 @@ def check_dataset(dataset: str | None) -> None:
         check_saved_fields(dataset, cfg)
 
 
+def check_packing(packing: str) -> None:
+    """--packing isolated relies on transformers reading document boundaries from position_ids (megaspec.train.data.collate)."""
+    from transformers import masking_utils
+
+    if packing == "isolated" and not hasattr(masking_utils, "find_packed_sequence_indices"):
+        raise ConfigError("--packing isolated needs a transformers that masks packed sequences from position_ids "
+                          "(5.0 or later); upgrade transformers or pass --packing naive")
+
+
+def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
+    """Chat-formatted data renders with the chosen template, record by record (jinja only, no tokenizing)."""
+    from megaspec.train.chat import (
+        ChatError,
+        chat_field,
+        pair_messages,
+        render_spans,
+        resolve_template,
+        to_messages,
+    )
+
+    try:
+        template = resolve_template(tokenizer, cfg.chat_template)
+    except ChatError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.dataset is None or not Path(cfg.dataset).expanduser().exists():
+        return  # the embedded default and hub datasets are rendered when the run builds its data
+    data_cfg = DataConfig(dataset=cfg.dataset, format="auto")
+    records = load_records(cfg.dataset)
+    fmt = detect_format(records.column_names, data_cfg)
+    if fmt == "text" or (fmt == "instruction" and template is None):
+        return
+    if template is None:
+        raise DataError(f"dataset {cfg.dataset} holds chat records but the tokenizer has no chat template; "
+                        "pass --chat_template FILE.jinja")
+    field = chat_field(records.column_names)
+    fields = [field] if field else format_fields(records.column_names, data_cfg)
+    for row, record in enumerate(records.select_columns(fields)):
+        try:
+            if field:
+                messages = to_messages(record[field])
+            elif "instruction" in fields:
+                messages = pair_messages(record["instruction"] or "", record["output"] or "")
+            else:
+                messages = pair_messages(record[fields[0]] or "", record[fields[1]] or "")
+            render_spans(messages, tokenizer, template)
+        except ChatError as e:
+            raise DataError(f"dataset {cfg.dataset} record {row + 1}: {e}") from None
+
+
 def check_saved_fields(dataset: str, cfg: DataConfig) -> None:
     """A saved datasets folder's text fields are typed as strings (its features say so without reading rows)."""
     from datasets import Value
 
     features = load_records(dataset).features
     for name in format_fields(list(features), cfg):
+        if name in CHAT_FIELDS:
+            continue
         feature = features[name]
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")):
             raise DataError(f"saved dataset {dataset}: field '{name}' holds {feature} values, not strings; make it text")
