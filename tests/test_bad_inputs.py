@@ -89,6 +89,15 @@ def write_train_files(ws: Path) -> None:
     (ws / "latin1.jsonl").write_bytes(lines(GOOD[:7]).encode() + '{"prompt": "café? ", "response": "oui"}\n'.encode("latin1"))
     (ws / "late_list.jsonl").write_text(lines(GOOD) + lines([{"prompt": "Q", "response": ["A", "B"]}]))
     (ws / "late_scalar.jsonl").write_text(lines(GOOD[:40]) + "[1, 2]\n")
+    chat = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(5)]
+    (ws / "empty.jsonl").write_text("")
+    (ws / "blank.jsonl").write_text("\n  \n")
+    (ws / "no_fields.jsonl").write_text(lines([{"question": "Q", "answer": "A"}]))
+    (ws / "late_no_fields.jsonl").write_text(lines(GOOD[:4] + [{"question": "Q", "answer": "A"}]))
+    (ws / "no_assistant.jsonl").write_text(lines(chat[:2] + [{"messages": [{"role": "user", "content": "Q"}]}]))
+    (ws / "chat.jsonl").write_text(lines(chat))
+    (ws / "latin1_chat.jsonl").write_bytes(lines(chat[:2]).encode() + '{"messages": [{"role": "user", "content": "café"}]}\n'.encode("latin1"))
+    (ws / "raises.jinja").write_text("{% if messages | length > 1 %}{{ raise_exception('roles must alternate') }}{% endif %}")
     (ws / "array.json").write_text('[\n  {"text": "a"},\n  {"text": "b",\n]\n')
     (ws / "extra_field.csv").write_text("prompt,response\nQ1,A1\nQ2,A2,surplus\n")
     pq.write_table(pa.table({"text": [["a"], ["b"]]}), ws / "list_text.parquet")
@@ -161,6 +170,23 @@ TRAIN = [
     Case("dataset_parquet_list_text", "train", train("--dataset", "WS/list_text.parquet"), "list_text.parquet: field 'text' holds list<"),
     Case("dataset_parquet_cut", "train", train("--dataset", "WS/cut.parquet"), "cut.parquet is not a readable parquet file"),
     Case("dataset_saved_list_field", "train", train("--dataset", "WS/saved"), "field 'response' holds List(Value('int64')) values, not strings"),
+    Case("dataset_empty", "train", train("--dataset", "WS/empty.jsonl"), "empty.jsonl is empty"),
+    Case("dataset_blank", "train", train("--dataset", "WS/blank.jsonl"), "blank.jsonl is empty (no records); add records"),
+    Case("dataset_no_known_fields", "train", train("--dataset", "WS/no_fields.jsonl"),
+         "no_fields.jsonl line 1: dataset has fields ['answer', 'question'] but format='auto' needs 'messages' or 'conversations'"),
+    Case("dataset_late_record_no_known_fields", "train", train("--dataset", "WS/late_no_fields.jsonl"),
+         "late_no_fields.jsonl line 5 has fields ['answer', 'question'] but none of ['prompt', 'response']"),
+    Case("chat_no_assistant_turn", "train", train("--dataset", "WS/no_assistant.jsonl"),
+         "no_assistant.jsonl line 3: the conversation has no assistant turn, so nothing would be trained; add one or drop the record"),
+    Case("chat_latin1", "train", train("--dataset", "WS/latin1_chat.jsonl"), "latin1_chat.jsonl is not UTF-8 (line 3, byte 0xe9)"),
+    Case("chat_no_template", "train", train("--dataset", "WS/chat.jsonl"),
+         "holds chat records but the tokenizer has no chat template; pass --chat_template FILE.jinja"),
+    Case("chat_template_missing", "train", train("--dataset", "WS/chat.jsonl", "--chat_template", "WS/none.jinja"),
+         "none.jinja is not a file; pass auto (the tokenizer's, if it has one), none, or a .jinja file"),
+    Case("chat_template_fails", "train", train("--dataset", "WS/chat.jsonl", "--chat_template", "WS/raises.jinja"),
+         "chat.jsonl record 1: the chat template failed to render it (TemplateError: roles must alternate); fix the record"),
+    Case("packing_typo", "train", train("--packing", "isolate"), "argument --packing: invalid choice: 'isolate'"),
+    Case("show_data_negative", "train", train("--show_data", "-1"), "--show_data -1 must be 0 or more"),
     Case("ds_micro_batch_text", "train", train("--ds_config", "WS/micro_four.json"), 'train_micro_batch_size_per_gpu is "four" but must be a whole number of 1 or more'),
     Case("ds_accumulation_zero", "train", train("--ds_config", "WS/accum_zero.json"), "gradient_accumulation_steps is 0"),
     Case("ds_clipping_text", "train", train("--ds_config", "WS/clip_text.json"), 'gradient_clipping is "1.0" but must be a number of 0 or more'),

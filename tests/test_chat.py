@@ -1,6 +1,7 @@
 """Chat data (megaspec.train.chat), isolated packing and --show_data, each against a hand-built oracle."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -178,13 +179,18 @@ def test_isolated_blocks_flow_through_build_datasets(tmp_path, chatml_tok):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 6)
     train, _ = build_datasets(DataConfig(dataset=str(path), seq_len=32, eval_fraction=0.0, packing="isolated",
                                          chat_template="auto"), chatml_tok)
-    length = len(hand_masked(chatml_tok, CONVERSATION)[0])
-    expected, position = [], 0  # by hand: count within the conversation, restart at a new one or a new block
+    ids, labels = hand_masked(chatml_tok, CONVERSATION)
+    length = len(ids)
+    positions, position = [], 0  # by hand: count within the conversation, restart at a new one or a new block
     for i in range(6 * length):
         position = 0 if i % length == 0 or i % 32 == 0 else position + 1
-        expected.append(position)
-    expected += list(range(-len(expected) % 32))  # the padding of the last block: one more document
-    assert train.position_ids.flatten().tolist() == expected
+        positions.append(position)
+    pad = -len(positions) % 32
+    positions += list(range(pad))  # the padding of the last block: one more document
+    labels = labels * 6 + [IGNORE] * pad
+    kept = [b for b in range(len(positions) // 32) if any(x != IGNORE for x in labels[b * 32 + 1 : b * 32 + 32])]
+    assert train.position_ids.tolist() == [positions[b * 32 : b * 32 + 32] for b in kept]
+    assert len(kept) < len(positions) // 32  # some blocks hold only prompt tokens and are dropped
 
 
 # --- --show_data ---------------------------------------------------------------------------------
@@ -195,3 +201,23 @@ def test_show_data_brackets_exactly_the_trained_tokens(chatml_tok):
     assert "[[the dog ran<|im_end|>\n]]" in shown and shown.count("[[") == 1
     coloured = show_examples([(ids, labels)], chatml_tok, colour=True)
     assert "\x1b[1;32mthe dog ran<|im_end|>\n\x1b[0m" in coloured
+
+
+def test_show_data_prints_the_first_examples_and_starts_nothing(tmp_path, capsys):
+    import torch.distributed as torch_dist
+
+    from tests.test_bad_inputs import script
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(8)]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    out = tmp_path / "runs" / "out"
+    code = script("train").main(["--dataset", str(path), "--chat_template", str(tmp_path / "chatml.jinja"),
+                                 "--show_data", "3", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists() and not torch_dist.is_initialized()
+    shown = [line for line in printed.splitlines() if line.startswith("--- example")]
+    assert len(shown) == 3
+    # one bracketed span per example: the answer with its end of turn, nothing of the prompt
+    spans = re.findall(r"\[\[(.*?)\]\]", printed.split("\n", 1)[1], flags=re.S)
+    assert len(spans) == 3 and all(re.fullmatch(r"a[0-7]<\|im_end\|>\n", span) for span in spans), printed

@@ -418,6 +418,19 @@ def check_packing(packing: str) -> None:
                           "(5.0 or later); upgrade transformers or pass --packing naive")
 
 
+def _quietly_loaded(dataset: str) -> Any:
+    """load_records without datasets' progress bars, which would break the one-line error."""
+    from datasets.utils import logging as ds_logging
+
+    shown = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return load_records(dataset)
+    finally:
+        if shown:
+            ds_logging.enable_progress_bar()
+
+
 def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
     """Chat-formatted data renders with the chosen template, record by record (jinja only, no tokenizing)."""
     from megaspec.train.chat import (
@@ -436,7 +449,7 @@ def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
     if cfg.dataset is None or not Path(cfg.dataset).expanduser().exists():
         return  # the embedded default and hub datasets are rendered when the run builds its data
     data_cfg = DataConfig(dataset=cfg.dataset, format="auto")
-    records = load_records(cfg.dataset)
+    records = _quietly_loaded(cfg.dataset)
     fmt = detect_format(records.column_names, data_cfg)
     if fmt == "text" or (fmt == "instruction" and template is None):
         return
