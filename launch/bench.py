@@ -1,4 +1,4 @@
-"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load|host_memory|merge_base|events> [--json]`.
+"""Benchmarks: `python launch/bench.py <overhead|crossover|params|memory|checkpointing|selection|quality|throughput|load|host_memory|merge_base|events|packing> [--json]`.
 
 Each prints a table to stdout (or, with --json, one JSON object: command, machine, date, result)
 and asserts nothing; the machine line goes to stderr. Measured numbers live in BENCHMARKS.md.
@@ -348,6 +348,14 @@ def events(args: argparse.Namespace) -> tuple[Any, str]:
     return result, bench.format_table(result)
 
 
+def packing(args: argparse.Namespace) -> tuple[Any, str]:
+    from megaspec.benchmarks import packing as bench
+
+    model = real_model(args.model) if args.model else None
+    result = bench.run(model, args.seq_len, args.batch, args.steps, args.attn, args.records)
+    return result, bench.format_table(result)
+
+
 def main(argv: list[str] | None = None) -> int:
     from megaspec.distributed.comm import prefer_cpu_accelerator
 
@@ -504,6 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=positive, default=None, help="peak learning rate (default: SSH's own)")
     p.add_argument("--eval_blocks", type=count(1), default=32, help="held-out blocks of --seq_len tokens")
     p.set_defaults(func=merge_base, inputs=real_inputs)
+
+    p = sub.add_parser("packing", parents=[common], help="tokens/s of forward+backward with isolated vs naive packing")
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded tiny LLaMA)")
+    p.add_argument("--seq_len", type=count(8), default=512)
+    p.add_argument("--batch", type=count(1), default=4)
+    p.add_argument("--steps", type=count(1), default=4)
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"])
+    p.add_argument("--records", type=count(10), default=400, help="embedded corpus documents to pack")
+    p.set_defaults(func=packing)
 
     args = parser.parse_args(argv)
     try:

@@ -221,3 +221,37 @@ def test_show_data_prints_the_first_examples_and_starts_nothing(tmp_path, capsys
     # one bracketed span per example: the answer with its end of turn, nothing of the prompt
     spans = re.findall(r"\[\[(.*?)\]\]", printed.split("\n", 1)[1], flags=re.S)
     assert len(spans) == 3 and all(re.fullmatch(r"a[0-7]<\|im_end\|>\n", span) for span in spans), printed
+
+
+@pytest.mark.slow
+def test_zero3_run_on_isolated_chat_blocks_starts_at_the_plain_model_loss(tmp_path):
+    """The engine's first loss (adapters start at zero) is the plain HF model's on the same isolated batch; eval runs."""
+    from megaspec.train.config import TrainConfig
+    from megaspec.train.data import batch_iterator
+    from megaspec.train.embedded import embedded_base, embedded_instructions
+    from megaspec.train.loop import data_config, run_tokenizer
+    from tests.distributed import REPO
+    from tests.launcher import check, metrics, run_train
+
+    chats = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]}
+             for r in embedded_instructions(200, seed=4)]
+    path = write_jsonl(tmp_path / "chat.jsonl", chats)
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    out = tmp_path / "run"
+    check(run_train(["--dataset", str(path), "--chat_template", str(tmp_path / "chatml.jinja"), "--seq_len", "64",
+                     "--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--max_steps", "4", "--eval_every", "4",
+                     "--save_every", "4", "--n_coeffs", "200", "--output_dir", str(out)], ranks=1))
+    records = metrics(out)
+    assert records[0]["step"] == 1 and "eval_loss" in records[-1]
+
+    cfg = TrainConfig(dataset=str(path), chat_template=str(tmp_path / "chatml.jinja"), seq_len=64)
+    model = LlamaForCausalLM.from_pretrained(str(embedded_base()), dtype=torch.float32)
+    model.config.use_cache = False
+    first = {}
+    for packing in ("isolated", "naive"):
+        cfg.packing = packing
+        train, _ = build_datasets(data_config(cfg), run_tokenizer(cfg))
+        with torch.no_grad():
+            first[packing] = float(model(**next(batch_iterator(train, 4, cfg.seed))).loss)
+    assert records[0]["loss"] == pytest.approx(first["isolated"], rel=1e-4)
+    assert abs(first["naive"] - first["isolated"]) > 1e-3

@@ -26,7 +26,15 @@ from megaspec.adapters import adapter_class, linear_shape
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
-from megaspec.train.chat import CHAT_FIELDS
+from megaspec.train.chat import (
+    CHAT_FIELDS,
+    ChatError,
+    chat_field,
+    pair_messages,
+    render_spans,
+    resolve_template,
+    to_messages,
+)
 from megaspec.train.checkpoint import CHECKPOINTS, TRAINER_STATE, config_hash, read_latest
 from megaspec.train.config import TrainConfig, resume_keys
 from megaspec.train.data import (
@@ -433,15 +441,6 @@ def _quietly_loaded(dataset: str) -> Any:
 
 def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
     """Chat-formatted data renders with the chosen template, record by record (jinja only, no tokenizing)."""
-    from megaspec.train.chat import (
-        ChatError,
-        chat_field,
-        pair_messages,
-        render_spans,
-        resolve_template,
-        to_messages,
-    )
-
     try:
         template = resolve_template(tokenizer, cfg.chat_template)
     except ChatError as e:
