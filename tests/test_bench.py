@@ -284,3 +284,16 @@ def test_events_sizes_add_up_on_a_small_model():
     assert r["images"] == 1 + 2 * (4 + 1)
     assert r["spectrum_bytes"] + r["growth_bytes"] + r["allocation_bytes"] == r["image_bytes"] <= r["event_bytes"]
     assert r["report_bytes"] > r["allocation_bytes"]
+
+
+def test_packing_bench_times_the_same_tokens_both_ways():
+    from megaspec.benchmarks import packing
+
+    r = packing.run(seq_len=64, batch=2, steps=1, records=40)
+    naive, isolated = r["rows"]
+    assert (naive["packing"], isolated["packing"]) == ("naive", "isolated")
+    # 2 blocks of 64 tokens per step, so tokens/s x s/step is 128 for both
+    assert naive["tokens_per_s"] * naive["step_s"] == pytest.approx(128) == isolated["tokens_per_s"] * isolated["step_s"]
+    assert r["isolated_over_naive"] == pytest.approx(isolated["tokens_per_s"] / naive["tokens_per_s"])
+    assert r["docs_per_block"] > 1  # several documents share a block: the case isolation is for
+    assert "isolated / naive tokens/s" in packing.format_table(r)
