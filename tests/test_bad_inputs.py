@@ -92,6 +92,7 @@ def write_train_files(ws: Path) -> None:
     chat = [{"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]} for i in range(5)]
     (ws / "empty.jsonl").write_text("")
     (ws / "blank.jsonl").write_text("\n  \n")
+    (ws / "blank.txt").write_text("\n\n")
     (ws / "no_fields.jsonl").write_text(lines([{"question": "Q", "answer": "A"}]))
     (ws / "late_no_fields.jsonl").write_text(lines(GOOD[:4] + [{"question": "Q", "answer": "A"}]))
     (ws / "no_assistant.jsonl").write_text(lines(chat[:2] + [{"messages": [{"role": "user", "content": "Q"}]}]))
@@ -172,6 +173,7 @@ TRAIN = [
     Case("dataset_saved_list_field", "train", train("--dataset", "WS/saved"), "field 'response' holds List(Value('int64')) values, not strings"),
     Case("dataset_empty", "train", train("--dataset", "WS/empty.jsonl"), "empty.jsonl is empty"),
     Case("dataset_blank", "train", train("--dataset", "WS/blank.jsonl"), "blank.jsonl is empty (no records); add records"),
+    Case("dataset_blank_txt", "train", train("--dataset", "WS/blank.txt"), "blank.txt is empty (no text lines); add records"),
     Case("dataset_no_known_fields", "train", train("--dataset", "WS/no_fields.jsonl"),
          "no_fields.jsonl line 1: dataset has fields ['answer', 'question'] but format='auto' needs 'messages' or 'conversations'"),
     Case("dataset_late_record_no_known_fields", "train", train("--dataset", "WS/late_no_fields.jsonl"),

@@ -4,7 +4,8 @@ Assistant spans are found by rendering prefixes: the text of messages[:i] with t
 ends where assistant turn i starts, the text of messages[:i+1] ends where it stops. Both must be
 prefixes of the whole conversation's rendering (true of ChatML, Llama, Mistral, ... templates); a
 template that rewrites earlier turns (e.g. drops old reasoning) is refused in one line. A token is
-trained when its first character lies in an assistant span, so the end-of-turn token is trained too.
+trained when its first character lies in an assistant span, so the end-of-turn token is trained too
+(and, with a template that has no generation prompt, the assistant header).
 """
 
 from __future__ import annotations

@@ -296,8 +296,8 @@ def check_dataset_file(path: str | Path, cfg: DataConfig | None = None) -> None:
     if suffix in (".json", ".jsonl"):
         _check_json_records(path, _json_records(path), cfg)
     elif suffix == ".txt":
-        for _ in _text_lines(path):
-            pass
+        if not any(line.strip() for _, line in _text_lines(path)):
+            raise DataError(f"dataset file {path} is empty (no text lines); add records, one per line")
     elif suffix == ".csv":
         _check_csv(path, cfg)
     elif suffix == ".parquet":
