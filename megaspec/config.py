@@ -26,16 +26,17 @@ Config = TypeVar("Config")
 
 def option(
     default: Any, help: str, *, choices: tuple[str, ...] | None = None, flags: tuple[str, ...] | None = None,
-    resume: bool | str = False,
+    resume: bool | str = False, former: str | None = None,
 ) -> Any:
     """A dataclass field with its help text beside it.
 
     choices: the allowed values (checked by the flag parser); flags: the flag spellings (default
     --NAME; () for no flag); resume: True when --resume must find the saved run's value, "when_set"
     when it must only once it differs from the default (fields added after checkpoints existed, so
-    those still resume).
+    those still resume); former: the field's earlier name, still read from saved dicts and used in
+    the resume hash so runs saved under it load and resume.
     """
-    metadata = {"help": help, "choices": choices, "flags": flags, "resume": resume}
+    metadata = {"help": help, "choices": choices, "flags": flags, "resume": resume, "former": former}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -63,8 +64,9 @@ class AdapterConfig:
     init: str = option("zeros", "coefficient init (gaussian: N(0, 1), as the SSH and FourierFT code)",
                        choices=("zeros", "gaussian"), resume=True)
     seed: int = option(2024, "seeds the plan and the parameters (a training run sets it to its --seed)", flags=())
-    rank: int = option(8, "low-rank methods (lora, smoa, spectral_a, spectral_r): rank r", resume=True)
-    alpha: float = option(16.0, "LoRA and SMoA alpha (scale alpha / rank)", resume=True)
+    lora_rank: int = option(8, "low-rank methods (lora, smoa, spectral_a, spectral_r): rank r of the factors", resume=True,
+                            former="rank")
+    alpha: float = option(16.0, "LoRA and SMoA alpha (scale alpha / lora_rank)", resume=True)
     n_blocks: int = option(2, "SMoA: number of diagonal blocks K", resume="when_set")
     # S2FT's plan is read back from the checkpoint on --resume, so its options need not match
     s2ft_estimate_steps: int = option(4, "S2FT: optimizer steps' worth of batches in the gradient estimate that plans it")
@@ -106,9 +108,10 @@ def flat_dict(config: Any) -> dict[str, Any]:
 def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:
     """`cls` from a dict: nested configs as their own mapping or with their fields at the top level.
 
-    Unknown keys are an error listing the known ones, so a typo never passes silently.
+    Unknown keys are an error listing the known ones, so a typo never passes silently; a field's
+    former name (option `former`) is read as the field.
     """
-    data = dict(data)
+    data = current_names(cls, data)
     known = _all_names(cls)
     unknown = sorted(set(data) - known)
     if unknown:
@@ -126,6 +129,27 @@ def from_dict(cls: type[Config], data: Mapping[str, Any]) -> Config:
         mine.update({k: data.pop(k) for k in list(data) if k in lifted})
         kwargs[f.name] = from_dict(nested, mine)
     return cls(**kwargs)
+
+
+def _former_names(cls: type) -> dict[str, str]:
+    """{former name: field name} over `cls` and its nested configs."""
+    out = {f.metadata["former"]: f.name for f in dataclasses.fields(cls) if f.metadata.get("former")}
+    for f in dataclasses.fields(cls):
+        nested = _nested_class(cls, f)
+        if nested is not None:
+            out.update(_former_names(nested))
+    return out
+
+
+def current_names(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` with former field names replaced by the current ones (both given: an error)."""
+    out, renamed = dict(data), _former_names(cls)
+    for old, new in renamed.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"both {old!r} and {new!r} are given; {old!r} is the former name of {new!r}, keep one")
+            out[new] = out.pop(old)
+    return out
 
 
 def _nested_class(cls: type, f: dataclasses.Field) -> type | None:
@@ -191,13 +215,18 @@ def from_flags(cls: type[Config], args: argparse.Namespace) -> Config:
     return from_dict(cls, data)
 
 
-def resume_values(config: Any) -> dict[str, Any]:
-    """The options --resume must find unchanged (metadata resume), by name; nested configs' included."""
+def resume_values(config: Any, former: bool = False) -> dict[str, Any]:
+    """The options --resume must find unchanged (metadata resume), by name; nested configs' included.
+
+    former=True names a renamed field by its former name, so a hash of these stays what it was when
+    the run was saved.
+    """
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            out.update({k: v for k, v in resume_values(value).items() if k not in _own_names(type(config))})
+            inner = resume_values(value, former)
+            out.update({k: v for k, v in inner.items() if k not in _own_names(type(config))})
         elif f.metadata.get("resume") is True or (f.metadata.get("resume") == "when_set" and value != f.default):
-            out[f.name] = copy.deepcopy(value)
+            out[(former and f.metadata.get("former")) or f.name] = copy.deepcopy(value)
     return out

@@ -38,10 +38,10 @@ def test_no_flags_give_the_defaults_and_every_adapter_field_is_a_flag():
 
 
 def test_dicts_round_trip_nested_and_flat():
-    cfg = TrainConfig(adapter=AdapterConfig(method="lora", rank=4), max_steps=3, seed=5)
+    cfg = TrainConfig(adapter=AdapterConfig(method="lora", lora_rank=4), max_steps=3, seed=5)
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
     assert from_dict(TrainConfig, flat_dict(cfg)) == cfg
-    assert from_dict(TrainConfig, {"method": "lora", "rank": 4, "max_steps": 3, "seed": 5}) == cfg
+    assert from_dict(TrainConfig, {"method": "lora", "lora_rank": 4, "max_steps": 3, "seed": 5}) == cfg
     assert AdapterConfig.from_json(cfg.adapter.to_json()) == cfg.adapter
     assert json.loads(json.dumps(flat_dict(cfg)))["method"] == "lora"
 
@@ -54,8 +54,18 @@ def test_unknown_keys_are_refused():
 
 
 def test_resume_keys_are_the_legacy_set_until_a_new_option_is_set():
-    assert set(resume_keys(TrainConfig())) == LEGACY_RESUME_KEYS
-    assert set(resume_keys(TrainConfig(adapter=AdapterConfig(n_blocks=4)))) == LEGACY_RESUME_KEYS | {"n_blocks"}
+    assert set(resume_keys(TrainConfig(), former=True)) == LEGACY_RESUME_KEYS
+    assert set(resume_keys(TrainConfig(adapter=AdapterConfig(n_blocks=4)), former=True)) == LEGACY_RESUME_KEYS | {"n_blocks"}
+    assert set(resume_keys(TrainConfig())) == LEGACY_RESUME_KEYS - {"rank"} | {"lora_rank"}
+
+
+def test_a_renamed_field_is_read_under_its_former_name():
+    # adapter_config.json and train_config.json saved before `rank` became `lora_rank` still load
+    assert from_dict(AdapterConfig, {"method": "lora", "rank": 4}) == AdapterConfig(method="lora", lora_rank=4)
+    assert from_dict(TrainConfig, {"adapter": {"rank": 4}}).adapter.lora_rank == 4
+    assert from_dict(TrainConfig, {"rank": 4}).adapter.lora_rank == 4
+    with pytest.raises(ValueError, match="both 'rank' and 'lora_rank' are given"):
+        from_dict(AdapterConfig, {"rank": 4, "lora_rank": 4})
 
 
 def test_the_run_seed_seeds_the_adapter():

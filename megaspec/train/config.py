@@ -61,9 +61,12 @@ class TrainConfig:
         return self.lr if self.lr is not None else adapter_class(self.adapter.method).default_lr
 
 
-def resume_keys(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match for --resume to continue a run (not max_steps, not logging cadence): the fields marked resume."""
-    return resume_values(cfg)
+def resume_keys(cfg: TrainConfig, former: bool = False) -> dict[str, Any]:
+    """What must match for --resume to continue a run (not max_steps, not logging cadence): the fields marked resume.
+
+    former=True: renamed fields under their former names, the form a checkpoint's config_hash is taken of.
+    """
+    return resume_values(cfg, former)
 
 
 def run_record(cfg: TrainConfig, base_folder: str | None) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     _create_output_dir(out, cfg)
     run = Run(cfg, engine, model, out, summary, train_set, eval_set, engine.train_micro_batch_size_per_gpu(),
-              engine.gradient_accumulation_steps(), {"config_hash": config_hash(resume_keys(cfg)), "base_model": model_path},
+              engine.gradient_accumulation_steps(), {"config_hash": config_hash(resume_keys(cfg, former=True)), "base_model": model_path},
               trainable, NonFiniteGuard(cfg.max_skipped_steps))
     if calibrating(adapters_of(model)):
         summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, run.micro, run.accum))
