@@ -49,6 +49,8 @@ class TrainConfig:
                                          choices=CHECKPOINTING_CHOICES)
     attn_implementation: str | None = option(None, "attention kernel, where the model supports it (default: transformers' "
                                              "choice)", choices=ATTN_IMPLEMENTATIONS)
+    report: str = option("html", "the run report written when a run finishes: html (report.html and figures/, "
+                         "megaspec.train.report; launch/report.py writes it later too) or none", choices=("html", "none"))
     report_to: str = option("tensorboard", "where metrics and figures go, comma-separated: tensorboard, wandb, mlflow "
                             "(used when installed), all or none (megaspec.train.trackers)")
 

@@ -227,7 +227,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     beat.phase("writing the final adapter")
     final = {**metrics, "step": step, "output_dir": str(run.out), "trainable": run.summary.trainable}
     _write_final(run.model, run.out, final)
-    if rank() == 0:
+    if rank() == 0 and cfg.report == "html":
         write_report_or_warn(run.out)  # report.html; never ends a run
     return final
 
