@@ -48,7 +48,7 @@ from megaspec.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from megaspec.train.config import TrainConfig, resume_keys, run_record
+from megaspec.train.config import TrainConfig, resume_keys, run_config_yaml, run_record
 from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
@@ -417,7 +417,7 @@ def _hidden_size(model: str) -> int:
 
 # What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
 RUN_FILES = frozenset({
-    "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
+    "adapter", "adapter_summary.json", CHECKPOINTS, "config.yaml", "ds_config.json", "final_metrics.json", "metrics.jsonl",
     "tensorboard", "train_config.json", ".tmp-adapter", ".final_metrics.json.tmp",
     "figures", "report.html", ".report.html.tmp", "wandb", "mlflow",  # monitor figures, run report, trackers
 })
@@ -488,8 +488,9 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
 def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:
     """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end.
 
-    train_config.json also records `base_folder`, the HF folder the base was loaded from (for a .gguf
-    --model its converted copy, megaspec.gguf), which export and generate load.
+    train_config.json (flat, what export, generate, report and --resume read) also records `base_folder`,
+    the HF folder the base was loaded from (for a .gguf --model its converted copy, megaspec.gguf);
+    config.yaml holds the same options as a --config file.
     """
     if rank() != 0:
         return
@@ -501,5 +502,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "train_config.json").write_text(json.dumps(run_record(cfg, base or None), indent=1))
+    (out / "config.yaml").write_text(run_config_yaml(cfg, str(out)))  # --config FILE trains this run again
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))
