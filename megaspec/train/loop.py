@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ from megaspec.train.checkpoint import (
     save_checkpoint,
 )
 from megaspec.train.config import TrainConfig, resume_keys, run_config_yaml, run_record
-from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
+from megaspec.train.data import batch_iterator, load_tokenizer
+from megaspec.train.data_cache import node_datasets, run_data_config
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
@@ -252,8 +254,10 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
-    data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction")
-    train_set, eval_set = build_datasets(data_cfg, tokenizer)
+    data_cfg = run_data_config(cfg.dataset, cfg.seq_len, cfg.seed)
+    nonce = all_gather_object(uuid.uuid4().hex)[0]  # tags a failed build's error file with this run
+    beat.phase("setup (tokenizing the data once per node, megaspec.train.data_cache)")
+    train_set, eval_set = node_datasets(data_cfg, tokenizer, cfg.data_cache, nonce, log=_say)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
