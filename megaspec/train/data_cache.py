@@ -155,16 +155,17 @@ def _load_or_build(cfg: DataConfig, tokenizer: Any, file: Path, error_file: Path
     t0 = time.perf_counter()
     try:
         blocks = build(cfg, tokenizer)
-        tokenized = time.perf_counter() - t0
+    except Exception as e:
+        _write_error(error_file, nonce, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        raise
+    tokenized = time.perf_counter() - t0
+    try:
         save_blocks(file, key, blocks)
     except OSError as e:
         message = (f"cannot write the tokenized-data cache {file} ({e.strerror or e}); free space there, pass "
                    "--data_cache FOLDER elsewhere, or --data_cache none")
         _write_error(error_file, nonce, message)
         raise DataError(message) from e
-    except Exception as e:
-        _write_error(error_file, nonce, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        raise
     _note(log, f"tokenized data: built in {tokenized:.1f} s, cached as {file}")
     return blocks
 

@@ -258,6 +258,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     nonce = all_gather_object(uuid.uuid4().hex)[0]  # tags a failed build's error file with this run
     beat.phase("setup (tokenizing the data once per node, megaspec.train.data_cache)")
     train_set, eval_set = node_datasets(data_cfg, tokenizer, cfg.data_cache, nonce, log=_say)
+    beat.phase("setup (starting the DeepSpeed engine, restoring a checkpoint)")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
