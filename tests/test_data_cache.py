@@ -175,3 +175,22 @@ def test_the_other_rank_waits_on_the_file_past_the_collective_timeout(tmp_path, 
     assert waiter["sum"] == builder["sum"] == builder["all"] / 2
     want = build_datasets(DataConfig(dataset=str(data), seq_len=32), tokenizer)
     assert builder["sum"] == float(want[0].input_ids.sum() + want[1].input_ids.sum())
+
+
+def test_a_cache_that_cannot_be_written_stops_builder_and_waiters_in_one_line(tmp_path, tokenizer, monkeypatch) -> None:
+    import errno
+
+    import megaspec.train.data_cache as data_cache
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_cache, "save_blocks", full)
+    cfg, folder = DataConfig(dataset=str(write_records(tmp_path / "d.jsonl")), seq_len=32), tmp_path / "cache"
+    with pytest.raises(DataError) as built:
+        cached_datasets(cfg, tokenizer, folder, builder=True, nonce="n")
+    with pytest.raises(DataError) as waited:
+        cached_datasets(cfg, tokenizer, folder, builder=False, nonce="n", poll_s=0.01)
+    assert str(built.value) == str(waited.value)
+    assert str(built.value).startswith(f"cannot write the tokenized-data cache {folder}/")
+    assert "(No space left on device); free space there" in str(built.value)
