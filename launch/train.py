@@ -2,6 +2,7 @@
 
 With no model or data arguments this runs the embedded default (a tiny LLaMA and a generated
 corpus) on whatever the machine has. Also runs under torchrun and srun (RANK/WORLD_SIZE/... set).
+Options come from the flags, or from `--config FILE` (YAML or JSON; flags given beside it win).
 """
 
 from __future__ import annotations
