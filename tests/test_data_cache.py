@@ -194,3 +194,18 @@ def test_a_cache_that_cannot_be_written_stops_builder_and_waiters_in_one_line(tm
     assert str(built.value) == str(waited.value)
     assert str(built.value).startswith(f"cannot write the tokenized-data cache {folder}/")
     assert "(No space left on device); free space there" in str(built.value)
+
+
+def test_the_fill_command_builds_then_loads_and_refuses_none(tmp_path, capsys) -> None:
+    from megaspec.train.data_cache import main
+
+    data = write_records(tmp_path / "d.jsonl")
+    assert main(["--dataset", str(data), "--seq_len", "32", "--data_cache", str(tmp_path / "cache")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tokenized data: built in ") and lines[2].startswith("tokenized data: loaded ")
+    want = build_datasets(DataConfig(dataset=str(data), seq_len=32, seed=42, format="auto"), embedded_tokenizer())
+    assert lines[1].endswith(f" s for {len(want[0])} train blocks of 32 tokens")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data_cache", "none"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "data_cache: error: --data_cache none: there is no cache to fill\n"
