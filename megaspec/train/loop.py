@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,9 @@ from megaspec.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from megaspec.train.config import TrainConfig, resume_keys, run_record
-from megaspec.train.data import DataConfig, batch_iterator, build_datasets, load_tokenizer
+from megaspec.train.config import TrainConfig, resume_keys, run_config_yaml, run_record
+from megaspec.train.data import batch_iterator, load_tokenizer
+from megaspec.train.data_cache import node_datasets, run_data_config
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
@@ -252,8 +254,11 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
-    data_cfg = DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction")
-    train_set, eval_set = build_datasets(data_cfg, tokenizer)
+    data_cfg = run_data_config(cfg.dataset, cfg.seq_len, cfg.seed)
+    nonce = all_gather_object(uuid.uuid4().hex)[0]  # tags a failed build's error file with this run
+    beat.phase("setup (tokenizing the data once per node, megaspec.train.data_cache)")
+    train_set, eval_set = node_datasets(data_cfg, tokenizer, cfg.data_cache, nonce, log=_say)
+    beat.phase("setup (starting the DeepSpeed engine, restoring a checkpoint)")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -417,7 +422,7 @@ def _hidden_size(model: str) -> int:
 
 # What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
 RUN_FILES = frozenset({
-    "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
+    "adapter", "adapter_summary.json", CHECKPOINTS, "config.yaml", "ds_config.json", "final_metrics.json", "metrics.jsonl",
     "tensorboard", "train_config.json", ".tmp-adapter", ".final_metrics.json.tmp",
     "figures", "report.html", ".report.html.tmp", "wandb", "mlflow",  # monitor figures, run report, trackers
 })
@@ -488,8 +493,9 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
 def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:
     """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end.
 
-    train_config.json also records `base_folder`, the HF folder the base was loaded from (for a .gguf
-    --model its converted copy, megaspec.gguf), which export and generate load.
+    train_config.json (flat, what export, generate, report and --resume read) also records `base_folder`,
+    the HF folder the base was loaded from (for a .gguf --model its converted copy, megaspec.gguf);
+    config.yaml holds the same options as a --config file.
     """
     if rank() != 0:
         return
@@ -501,5 +507,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "train_config.json").write_text(json.dumps(run_record(cfg, base or None), indent=1))
+    (out / "config.yaml").write_text(run_config_yaml(cfg, str(out)))  # --config FILE trains this run again
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))

@@ -40,6 +40,7 @@ from megaspec.train.data import (
     load_records,
     load_tokenizer,
 )
+from megaspec.train.data_cache import check_cache_dir
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
 from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
@@ -66,6 +67,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"--s2ft_estimate_group_mb {cfg.s2ft_estimate_group_mb} must be at least 1")
     check_attn_implementation(getattr(cfg, "attn_implementation", None), model_config)
     check_dataset(cfg.dataset)
+    problem = check_cache_dir(getattr(cfg, "data_cache", None))  # waiting ranks need the builder's file
+    if problem:
+        raise ConfigError(problem)
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
         check_quantize(cfg.quantize)
