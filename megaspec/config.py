@@ -342,7 +342,7 @@ def _flatten(cls: type, data: Mapping[str, Any], source: str, under: str = "") -
     """A file's mapping with nested configs' sections lifted to the top; unknown, shadowed or repeated keys refused."""
     out: dict[str, Any] = {}
     where = f" under '{under}'" if under else ""
-    for key, value in data.items():
+    for key, value in current_names(cls, data).items():  # a field's former name reads as the field
         field = next((f for f in dataclasses.fields(cls) if f.name == key), None)
         nested = _nested_class(cls, field) if field is not None else None
         if nested is not None:

@@ -8,7 +8,15 @@ import json
 
 import pytest
 
-from megaspec.config import AdapterConfig, add_flags, flat_dict, from_dict, from_flags, to_dict
+from megaspec.config import (
+    AdapterConfig,
+    add_flags,
+    flat_dict,
+    from_dict,
+    from_flags,
+    read_config_file,
+    to_dict,
+)
 from megaspec.train.config import TrainConfig, resume_keys
 
 # What --resume compared before the config had one source: the hash of these must not change.
@@ -66,6 +74,11 @@ def test_a_renamed_field_is_read_under_its_former_name():
     assert from_dict(TrainConfig, {"rank": 4}).adapter.lora_rank == 4
     with pytest.raises(ValueError, match="both 'rank' and 'lora_rank' are given"):
         from_dict(AdapterConfig, {"rank": 4, "lora_rank": 4})
+
+
+def test_a_config_file_reads_a_former_name(tmp_path):
+    (tmp_path / "run.yaml").write_text("method: lora\nadapter:\n  rank: 4\n")
+    assert read_config_file(TrainConfig, tmp_path / "run.yaml") == {"method": "lora", "lora_rank": 4}
 
 
 def test_the_run_seed_seeds_the_adapter():
