@@ -249,7 +249,7 @@ def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
 
     methods = None if args.methods is None else [m for m in args.methods if m != "peft_fourierft"]
     rows = bench.run(args.model, args.dataset, args.test, methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
-                     args.n_coeffs, args.rank, args.eval_limit, args.device, getattr(torch, args.dtype),
+                     args.n_coeffs, args.lora_rank, args.eval_limit, args.device, getattr(torch, args.dtype),
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     return rows, bench.format_table(rows)
 
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="data/boolq.jsonl", help="--real: prompt/response training file")
     p.add_argument("--test", default=None, help="--real: held-out jsonl with answers (default: DATASET's .test.jsonl)")
     p.add_argument("--n_coeffs", type=count(1), default=1000, help="--real: coefficients per layer, sparse-spectrum methods")
-    p.add_argument("--rank", type=count(1), default=8, help="--real: rank of low-rank methods and peft LoRA")
+    p.add_argument("--lora_rank", type=count(1), default=8, help="--real: rank r of low-rank methods and peft LoRA")
     p.add_argument("--batch", type=count(1), default=8, help="--real: blocks per step")
     p.add_argument("--seq_len", type=count(2), default=256, help="--real: tokens per block")
     p.add_argument("--eval_limit", type=count(1), default=500, help="--real: test records scored")

@@ -4,7 +4,7 @@ merged:   a standard HF checkpoint of base + update (AutoModelForCausalLM.from_p
           written shard by shard; `deepspeed --num_gpus N launch/export.py ...` splits every
           adapted layer's rows over the ranks.
 peft:     an adapter for PeftModel.from_pretrained(base, DIR): FourierFT as peft's FourierFT, LoRA
-          as LoRA, every other method as an exact-rank LoRA (or truncated with --rank r).
+          as LoRA, every other method as an exact-rank LoRA (or truncated with --lora_rank r).
 megaspec: the native adapter folder (a few hundred kB) with a model card.
 """
 
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run", required=True, help="run folder written by launch/train.py (runs/X)")
     p.add_argument("--out", required=True, help="output folder (written to a temp folder, renamed at the end)")
     p.add_argument("--format", required=True, choices=FORMATS, help="merged | peft | megaspec")
-    p.add_argument("--rank", type=int, default=None, help="peft: LoRA rank r for every layer (truncated SVD where needed)")
+    p.add_argument("--lora_rank", type=int, default=None, help="peft: LoRA rank r for every layer (truncated SVD where needed)")
+    p.add_argument("--rank", type=int, dest="lora_rank", help=argparse.SUPPRESS)  # its former name, still accepted
     p.add_argument("--lora", action="store_true", help="peft: export as LoRA even when peft has the method (FourierFT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights' dtype (default: the base's; peft: float32)")
     p.add_argument("--adapter", default=None, help="adapter folder to export (default RUN/adapter; e.g. a checkpoint's)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     init_ranks()
     try:
         export(
-            args.run, args.out, args.format, lora_rank=args.rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
+            args.run, args.out, args.format, lora_rank=args.lora_rank, dtype=args.dtype, adapter=args.adapter, as_lora=args.lora,
             overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_size * 1024**3), merge_base=args.merge_base,
         )
     except (ExportError, OSError) as e:  # OSError: --out or the base became unreadable or unwritable mid-way

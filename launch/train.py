@@ -2,6 +2,7 @@
 
 With no model or data arguments this runs the embedded default (a tiny LLaMA and a generated
 corpus) on whatever the machine has. Also runs under torchrun and srun (RANK/WORLD_SIZE/... set).
+Options come from the flags, or from `--config FILE` (YAML or JSON; flags given beside it win).
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import argparse
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from megaspec import cli
+
+if TYPE_CHECKING:
+    from megaspec.train.config import TrainConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -23,15 +28,16 @@ class Parser(cli.Parser):
     tool = "train"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: one flag per TrainConfig option (megaspec.config), with its help and default."""
-    from megaspec.config import add_flags
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config: TrainConfig's defaults, then --config FILE, then the flags given (megaspec.config)."""
+    from megaspec.config import add_config_flag, add_flags, parse_config
     from megaspec.train.config import TrainConfig
 
     p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flag(p)
     add_flags(p, TrainConfig)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return p.parse_args(argv)
+    return parse_config(p, TrainConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from megaspec.train.host_memory import fix_mmap_threshold
 
     prefer_cpu_accelerator()
-    args = parse_args(argv)
+    cfg = parse_args(argv)
     try:
         fix_mmap_threshold()  # before the model and data exist (megaspec.train.host_memory)
     except ValueError as e:
@@ -48,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as torch_dist
 
-    from megaspec.config import from_flags
     from megaspec.distributed.group import leave_process_group
-    from megaspec.train.config import TrainConfig
     from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed
     from megaspec.train.guard import TrainingDiverged
     from megaspec.train.loop import train
@@ -58,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
 
     joined_before = torch_dist.is_initialized()  # a caller's group (main(argv) in-process) is the caller's to destroy
     try:
-        cfg = from_flags(TrainConfig, args)
         for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
             say(f"train: warning: {warning}")
         if cfg.show_data:

@@ -80,10 +80,10 @@ METHOD_CASES = [
     MethodCase("ssh_separable", AdapterConfig(method="ssh", n_coeffs=120, target_modules=TARGETS, separable=True,
                                               energy_ratio=0.2)),
     MethodCase("fourierft", AdapterConfig(method="fourierft", n_coeffs=120, target_modules=TARGETS)),
-    MethodCase("lora", AdapterConfig(method="lora", rank=4, target_modules=TARGETS)),
-    MethodCase("spectral_a", AdapterConfig(method="spectral_a", rank=4, target_modules=TARGETS), 2e-2, 0.1, ("auto",)),
-    MethodCase("spectral_r", AdapterConfig(method="spectral_r", rank=8, target_modules=TARGETS), 1e-1, 0.02, ("auto",)),
-    MethodCase("smoa", AdapterConfig(method="smoa", rank=4, n_blocks=2, alpha=8, target_modules=TARGETS), 1e-1, 0.1,
+    MethodCase("lora", AdapterConfig(method="lora", lora_rank=4, target_modules=TARGETS)),
+    MethodCase("spectral_a", AdapterConfig(method="spectral_a", lora_rank=4, target_modules=TARGETS), 2e-2, 0.1, ("auto",)),
+    MethodCase("spectral_r", AdapterConfig(method="spectral_r", lora_rank=8, target_modules=TARGETS), 1e-1, 0.02, ("auto",)),
+    MethodCase("smoa", AdapterConfig(method="smoa", lora_rank=4, n_blocks=2, alpha=8, target_modules=TARGETS), 1e-1, 0.1,
                ("auto",)),
 ]
 CASES = {case.id: case for case in METHOD_CASES}

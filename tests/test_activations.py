@@ -28,7 +28,7 @@ from .launcher import check, cpu_env, losses, run_train
 
 # adapters inside attention and MLP, a low-rank one and a sparse-spectrum one
 SETTINGS = [AdapterConfig(method="ssh", n_coeffs=50, target_modules=["q_proj", "v_proj", "down_proj"]),
-            AdapterConfig(method="lora", rank=4, target_modules=["q_proj", "v_proj", "down_proj"])]
+            AdapterConfig(method="lora", lora_rank=4, target_modules=["q_proj", "v_proj", "down_proj"])]
 
 
 def ids() -> torch.Tensor:

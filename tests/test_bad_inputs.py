@@ -126,6 +126,12 @@ def write_train_files(ws: Path) -> None:
     (ws / "gpt2.gguf").write_bytes(gguf_header("gpt2"))
     (ws / "cut.gguf").write_bytes(gguf_header("llama")[:30])
     (ws / "folder.gguf").mkdir()
+    for name, text in {"typo.yaml": "max_steps: 2\nn_coef: 300\n", "nested_typo.yaml": "adapter:\n  methd: ssh\n",
+                       "steps_text.yaml": "max_steps: ten\n", "list_text.yaml": "target_modules: [1, 2]\n",
+                       "choice.yaml": "quantize: nf5\n", "broken.yaml": "max_steps: [2\n", "list.yaml": "- max_steps\n",
+                       "seed_under_adapter.yaml": "adapter: {seed: 3}\n", "twice.yaml": "n_coeffs: 5\nadapter: {n_coeffs: 6}\n",
+                       "broken.json": '{"max_steps": 2,}'}.items():
+        (ws / name).write_text(text)
 
 
 def gguf_header(architecture: str) -> bytes:
@@ -150,7 +156,7 @@ TRAIN = [
     Case("halt_at_step_negative", "train", train("--halt_at_step", "-3"), "--halt_at_step -3 must be at least 1"),
     Case("alpha_zero", "train", train("--method", "lora", "--alpha", "0"), "--alpha 0.0 must be a finite number above 0"),
     Case("alpha_nan", "train", train("--alpha", "nan"), "--alpha nan must be"),
-    Case("rank_zero", "train", train("--method", "lora", "--rank", "0"), "--rank 0 must be at least 1"),
+    Case("rank_zero", "train", train("--method", "lora", "--lora_rank", "0"), "--lora_rank 0 must be at least 1"),
     Case("s2ft_steps_zero", "train", train("--method", "s2ft", "--s2ft_estimate_steps", "0"), "--s2ft_estimate_steps 0 must be at least 1"),
     Case("energy_ratio_nan", "train", train("--energy_ratio", "nan"), "--energy_ratio nan must be within [0, 1]"),
     Case("energy_ratio_above_one", "train", train("--energy_ratio", "1.5"), "--energy_ratio 1.5 must be within [0, 1]"),
@@ -159,8 +165,20 @@ TRAIN = [
     Case("quantize_typo", "train", train("--quantize", "nf5"), "argument --quantize: invalid choice: 'nf5'"),
     Case("selection_typo", "train", train("--selection", "globl"), "argument --selection: invalid choice: 'globl'"),
     Case("max_steps_not_a_number", "train", train("--max_steps", "ten"), "argument --max_steps: invalid int value: 'ten'"),
-    Case("unknown_flag", "train", train("--ncoeffs", "5"), "unrecognized arguments: --ncoeffs 5"),
-    Case("abbreviated_flag", "train", train("--max_step", "3"), "unrecognized arguments: --max_step 3"),
+    Case("unknown_flag", "train", train("--ncoeffs", "5"), "unrecognized arguments: --ncoeffs 5; did you mean --n_coeffs?"),
+    Case("abbreviated_flag", "train", train("--max_step", "3"), "unrecognized arguments: --max_step 3; did you mean --max_steps?"),
+    Case("config_unknown_key", "train", train("--config", "WS/typo.yaml"), "/typo.yaml; did you mean 'n_coeffs'?"),
+    Case("config_unknown_nested_key", "train", train("--config", "WS/nested_typo.yaml"), "/nested_typo.yaml; did you mean 'method'?"),
+    Case("config_string_for_int", "train", train("--config", "WS/steps_text.yaml"), "steps_text.yaml: 'max_steps' must be a whole number, not 'ten' (str)"),
+    Case("config_numbers_for_names", "train", train("--config", "WS/list_text.yaml"), "'target_modules' must be a list of strings, not [1, 2]"),
+    Case("config_bad_choice", "train", train("--config", "WS/choice.yaml"), "choice.yaml: 'quantize' is 'nf5'; choose one of none, nf4"),
+    Case("config_broken_yaml", "train", train("--config", "WS/broken.yaml"), "broken.yaml is not valid YAML (line 2:"),
+    Case("config_broken_json", "train", train("--config", "WS/broken.json"), "broken.json is not valid JSON (line 1:"),
+    Case("config_not_a_mapping", "train", train("--config", "WS/list.yaml"), "list.yaml holds a list, not a mapping of option: value"),
+    Case("config_missing", "train", train("--config", "WS/none.yaml"), "/none.yaml does not exist; pass a YAML or JSON file"),
+    Case("config_adapter_seed", "train", train("--config", "WS/seed_under_adapter.yaml"), "'seed' under 'adapter' is the top-level 'seed'"),
+    Case("config_set_twice", "train", train("--config", "WS/twice.yaml"), "'n_coeffs' is set twice"),
+    Case("data_cache_not_writable", "train", train("--data_cache", "WS/text.gguf/tokenized"), "/text.gguf/tokenized cannot be written"),
     Case("dataset_broken_line", "train", train("--dataset", "WS/broken_line.jsonl"), "broken_line.jsonl line 6 is not valid JSON"),
     Case("dataset_binary", "train", train("--dataset", "WS/binary.jsonl"), "binary.jsonl line 4 holds binary data"),
     Case("dataset_latin1", "train", train("--dataset", "WS/latin1.jsonl"), "latin1.jsonl is not UTF-8 (line 8, byte 0xe9); convert it, e.g. iconv -f latin1 -t utf-8"),
@@ -310,7 +328,7 @@ EXPORT = [
     Case("broken_adapter_layers", "export", export("adapter_layers"), "adapter_layers.json is not valid JSON"),
     Case("max_shard_size_zero", "export", export("good", "merged", "--max_shard_size", "0"), "argument --max_shard_size: 0 must be a finite number above 0"),
     Case("max_shard_size_nan", "export", export("good", "merged", "--max_shard_size", "nan"), "--max_shard_size: nan must be"),
-    Case("rank_zero", "export", export("good", "peft", "--rank", "0"), "--rank takes a positive rank"),
+    Case("rank_zero", "export", export("good", "peft", "--lora_rank", "0"), "--lora_rank takes a positive rank"),
     Case("format_typo", "export", export("good", "merge"), "argument --format: invalid choice: 'merge'"),
     Case("max_new_tokens_zero", "generate", generate("good", "--max_new_tokens", "0"), "--max_new_tokens 0 must be at least 1"),
     Case("max_new_tokens_negative", "generate", generate("good", "--max_new_tokens", "-5"), "--max_new_tokens -5 must be at least 1"),

@@ -41,7 +41,7 @@ def base_model():
 def make_run(root: Path, method: str, quantize: str = "none", **overrides) -> Path:
     """A run folder made in-process: the embedded base, the method's adapters, random non-zero parameters."""
     model = base_model()
-    fields = dict(method=method, n_coeffs=100, seed=7, rank=4, n_blocks=2)
+    fields = dict(method=method, n_coeffs=100, seed=7, lora_rank=4, n_blocks=2)
     fields.update(overrides)
     if adapter_class(method).needs_calibration:  # S2FT plans from a gradient estimate
         apply_adapters(model, AdapterConfig(**fields), calibration=[{"input_ids": INPUT, "labels": INPUT}])
@@ -393,7 +393,7 @@ def test_cli_bad_input_is_one_line_exit_2_and_no_output(runs, tmp_path):
     cases = [
         ("--run", str(tmp_path / "missing"), "--out", str(out), "--format", "merged"),
         ("--run", str(runs["ssh"]), "--out", str(out), "--format", "onnx"),
-        ("--run", str(runs["ssh"]), "--out", str(out), "--format", "merged", "--rank", "4"),
+        ("--run", str(runs["ssh"]), "--out", str(out), "--format", "merged", "--lora_rank", "4"),
     ]
     for args in cases:
         proc = export_cli(*args)

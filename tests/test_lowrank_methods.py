@@ -28,7 +28,7 @@ def standalone(method: str, shape: tuple[int, int], dtype: torch.dtype = torch.f
     torch.manual_seed(sum(shape))
     holder = nn.Module()
     holder.proj = nn.Linear(shape[1], shape[0], bias=False, dtype=dtype)
-    config = AdapterConfig(**{"method": method, "rank": 3, "n_blocks": 2, "target_modules": ["proj"], **overrides})
+    config = AdapterConfig(**{"method": method, "lora_rank": 3, "n_blocks": 2, "target_modules": ["proj"], **overrides})
     apply_adapters(holder, config)
     adapter = holder.proj.to(dtype)
     g = torch.Generator().manual_seed(7)
@@ -62,10 +62,10 @@ def test_bf16_forward(method, tiny_model):
 
 
 def test_bad_configs(tiny_model):
-    with pytest.raises(ValueError, match="rank=40"):
-        apply_adapters(tiny_model, AdapterConfig(method="spectral_a", rank=40, target_modules=["k_proj"]))
+    with pytest.raises(ValueError, match="lora_rank=40"):
+        apply_adapters(tiny_model, AdapterConfig(method="spectral_a", lora_rank=40, target_modules=["k_proj"]))
     with pytest.raises(ValueError, match="at least n_blocks"):
-        apply_adapters(tiny_model, AdapterConfig(method="smoa", rank=2, n_blocks=3))
+        apply_adapters(tiny_model, AdapterConfig(method="smoa", lora_rank=2, n_blocks=3))
 
 
 # --- plan math against numpy ---------------------------------------------------------------
@@ -133,7 +133,7 @@ def test_spectral_a_is_the_papers_update(shape):
     u1, s1, v1 = a.U1, torch.diag(a.S1), a.V1
     paper = (u1 + a.spectral_B) @ s1 @ (v1 + a.spectral_A.T).T - u1 @ s1 @ v1.T
     torch.testing.assert_close(a.delta_weight(), paper.detach(), atol=1e-12, rtol=0)
-    ref = top_singular(dense_weight(a.base), a.config.rank)
+    ref = top_singular(dense_weight(a.base), a.config.lora_rank)
     assert all(torch.equal(buf.float(), r) for buf, r in zip((a.U1, a.S1, a.V1), ref, strict=True))
 
 
@@ -142,7 +142,7 @@ def test_spectral_r_is_a_rotation_of_the_top_triplets(shape):
     """W0 + dW = [U1 Q_U, U2] diag(S1 c, S2) [V1 Q_V, V2]^T (full SVD of W0 in float64)."""
     a = standalone("spectral_r", shape)
     w0 = dense_weight(a.base).double()
-    r = a.config.rank
+    r = a.config.lora_rank
     u, s, vh = torch.linalg.svd(w0, full_matrices=False)
     u1, v1 = a.U1.double(), a.V1.double()
     q_u, q_v = cayley(a.X_U.detach()), cayley(a.X_V.detach())
@@ -158,7 +158,7 @@ def test_spectral_r_bases_stay_orthonormal(tiny_model):
     train(tiny_model, batch(), lr=lr)
     for adapter in adapters_of(tiny_model).values():
         assert adapter.X_U.detach().abs().max() > 1e-3, "training must have rotated the bases"
-        eye = torch.eye(config.rank, dtype=torch.float32)
+        eye = torch.eye(config.lora_rank, dtype=torch.float32)
         for basis in adapter.rotated():
             torch.testing.assert_close(basis.T @ basis, eye, atol=1e-5, rtol=0)
 
@@ -166,7 +166,7 @@ def test_spectral_r_bases_stay_orthonormal(tiny_model):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("n_blocks", [1, 2, 3])
 def test_smoa_update_is_block_diagonal_and_hadamard(shape, n_blocks):
-    a = standalone("smoa", shape, n_blocks=n_blocks, rank=4, alpha=6)
+    a = standalone("smoa", shape, n_blocks=n_blocks, lora_rank=4, alpha=6)
     w0 = a.base.weight.detach()  # float64; the plan saw it as fp32 (dense_weight)
     assert torch.equal(a.row_perm, spectral_order(dense_weight(a.base))[0])
     assert torch.equal(a.col_perm, spectral_order(dense_weight(a.base))[1])
@@ -195,7 +195,7 @@ def test_smoa_init_and_saved_state(tiny_model, tmp_path):
         bound = 1 / cols**0.5  # kaiming_uniform_(a=sqrt 5) on fan_in = |C_k|
         assert a_k.shape == (2, cols) and 0.5 * bound < a_k.abs().max() <= bound
         assert b_k.shape == (32, 2) and not b_k.any()
-    assert adapter.scale == config.alpha / config.rank
+    assert adapter.scale == config.alpha / config.lora_rank
     save_adapter(tiny_model, tmp_path)
     saved = load_file(str(tmp_path / WEIGHTS_NAME))
     prefix = "model.layers.0.mlp.down_proj."
@@ -210,7 +210,7 @@ def test_smoa_on_bitsandbytes_base():
     q.weight = bnb.nn.Params4bit(torch.randn(32, 64) * 0.1, requires_grad=False, quant_type="nf4")
     holder = nn.Module()
     holder.proj = q.to("cpu")
-    apply_adapters(holder, AdapterConfig(method="smoa", rank=4, target_modules=["proj"]))
+    apply_adapters(holder, AdapterConfig(method="smoa", lora_rank=4, target_modules=["proj"]))
     adapter = holder.proj
     with torch.no_grad():
         adapter.lora_B_0.normal_()
@@ -228,10 +228,10 @@ def test_smoa_on_bitsandbytes_base():
 @pytest.mark.parametrize(
     ("config", "count"),
     [
-        (AdapterConfig(method="spectral_a", rank=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj"]), 18_874_368),
-        (AdapterConfig(method="spectral_r", rank=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj"]), 32 * 6 * (2 * 64 + 8)),
-        (AdapterConfig(method="smoa", rank=8, n_blocks=2, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]), 7_077_888),
-        (AdapterConfig(method="smoa", rank=32, n_blocks=2, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]), 28_311_552),
+        (AdapterConfig(method="spectral_a", lora_rank=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj"]), 18_874_368),
+        (AdapterConfig(method="spectral_r", lora_rank=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj", "gate_proj"]), 32 * 6 * (2 * 64 + 8)),
+        (AdapterConfig(method="smoa", lora_rank=8, n_blocks=2, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]), 7_077_888),
+        (AdapterConfig(method="smoa", lora_rank=32, n_blocks=2, target_modules=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]), 28_311_552),
     ],
     ids=["spectral_a_r8", "spectral_r_r8", "smoa_r8_k2", "smoa_r32_k2"],
 )

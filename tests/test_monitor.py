@@ -52,7 +52,7 @@ def tiny_model(method: str) -> torch.nn.Module:
     """A 2-layer LLaMA (GQA: v_proj is 32 x 64) with q_proj/v_proj adapted by `method`."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config())
-    megaspec.apply_adapters(model, megaspec.AdapterConfig(method=method, n_coeffs=64, rank=4))
+    megaspec.apply_adapters(model, megaspec.AdapterConfig(method=method, n_coeffs=64, lora_rank=4))
     return model
 
 

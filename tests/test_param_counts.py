@@ -34,7 +34,7 @@ def test_llama31_8b_counts_on_meta():
     assert trainable_parameter_count(ssh) == summary.trainable == 48_000
     assert summary.nominal and len(summary.layers) == 64
     lora = llama31_8b_meta()
-    apply_adapters(lora, AdapterConfig(method="lora", rank=64, target_modules=["q_proj", "v_proj"]))
+    apply_adapters(lora, AdapterConfig(method="lora", lora_rank=64, target_modules=["q_proj", "v_proj"]))
     assert trainable_parameter_count(lora) == 27_262_976
     assert sum(p.numel() for p in lora.parameters()) == 8_030_261_248 + 27_262_976
     for model in (ssh, lora):

@@ -122,7 +122,7 @@ def write_saved_run(out: Path, world_size: int) -> None:
     from megaspec.train.config import TrainConfig, resume_keys, run_record
 
     cfg = TrainConfig(adapter=AdapterConfig(method="ssh", n_coeffs=200), output_dir=str(out))
-    state = {"config_hash": config_hash(resume_keys(cfg)), "step": 2, "world_size": world_size, "method": "ssh"}
+    state = {"config_hash": config_hash(resume_keys(cfg, former=True)), "step": 2, "world_size": world_size, "method": "ssh"}
     (out / "checkpoints" / "step-000002").mkdir(parents=True)
     (out / "checkpoints" / "step-000002" / "trainer_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step-000002")

@@ -183,7 +183,8 @@ def test_report_renders_in_headless_chromium_without_network(run_folder: dict, t
 @pytest.mark.slow
 def test_a_finished_run_writes_its_report_and_overwrite_still_accepts_the_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["--max_steps", "3", "--image_every", "2", "--eval_every", "3", "--save_every", "3", "--output_dir", str(out)]
+    args = ["--max_steps", "3", "--image_every", "2", "--eval_every", "3", "--save_every", "3", "--output_dir", str(out),
+            "--report", "html"]
     check(run_train(args))
     page = (out / REPORT).read_text()
     assert_self_contained(page)

@@ -147,3 +147,38 @@ def test_mlflow_file_store_in_the_run_folder_reads_back(tmp_path: Path, monkeypa
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("spectral.growth" in path for path in artifacts), artifacts
     assert np.isfinite(run.data.metrics["spectral/global_norm"])
+
+
+def resume_two_steps(out: Path, report_to: str) -> None:
+    """A --resume after log_three_steps: steps 4 and 5 through a RunLogger that resumes at step 3."""
+    logger = RunLogger(out, resume_step=3, report_to=report_to, config={"method": "ssh", "n_coeffs": 64, "max_steps": 5})
+    for step in (4, 5):
+        logger.log_scalars(step, {"loss": 1.0 / step, "lr": 0.01 * step})
+    logger.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (optional: pip install wandb)")
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log_three_steps(tmp_path, "wandb")
+    run_id = trackers.saved_run_id(tmp_path, "wandb")
+    resume_two_steps(tmp_path, "wandb")
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one W&B run id, synced as one run
+    history = wandb_history(next(runs[1].glob("*.wandb")))
+    assert {step: history[step]["train/loss"] for step in (4, 5)} == {4: 0.25, 5: 0.2}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow is not installed (optional: pip install mlflow)")
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    log_three_steps(tmp_path, "mlflow")
+    resume_two_steps(tmp_path, "mlflow")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlflow").absolute().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("megaspec").experiment_id])
+    assert run.info.run_id == trackers.saved_run_id(tmp_path, "mlflow") and run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(s, pytest.approx(1 / s)) for s in (1, 2, 3, 4, 5)]

@@ -23,7 +23,7 @@ STEPS = 10
 
 def common(config: Path, out: Path) -> list[str]:
     return ["--ds_config", str(config), "--max_steps", str(STEPS), "--eval_every", "5", "--save_every", "5",
-            "--image_every", "5", "--n_coeffs", "200", "--output_dir", str(out)]
+            "--image_every", "5", "--n_coeffs", "200", "--output_dir", str(out), "--report", "html"]
 
 
 @pytest.fixture(scope="module")

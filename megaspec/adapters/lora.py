@@ -16,14 +16,14 @@ class LoRAAdapter(Adapter):
 
     @classmethod
     def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
-        if config.rank <= 0:
-            raise ValueError(f"rank={config.rank} must be positive for lora")
+        if config.lora_rank <= 0:
+            raise ValueError(f"lora_rank={config.lora_rank} must be positive for lora")
 
     def default_scale(self) -> float:
-        return self.config.alpha / self.config.rank
+        return self.config.alpha / self.config.lora_rank
 
     def init_parameters(self) -> None:
-        r = self.config.rank
+        r = self.config.lora_rank
 
         def kaiming() -> torch.Tensor:
             a = torch.empty(r, self.in_features)

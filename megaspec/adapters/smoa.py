@@ -12,8 +12,8 @@ row_perm (M), col_perm (N) and the chunk boundaries row_bounds, col_bounds (K + 
 
 Trainables: per block a LoRA pair A_k (r_k x |C_k|, kaiming_uniform_(a=sqrt 5) as peft, all blocks
 drawn in order from one layer_generator(seed, name)) and B_k (|R_k| x r_k, zeros), so dW = 0 at
-step 0. The total rank r = config.rank is split as in the code: r_k = r // K, plus one for the
-first r % K blocks (rank >= n_blocks is required; the code's `branch_ranks` is not offered).
+step 0. The total rank r = config.lora_rank is split as in the code: r_k = r // K, plus one for the
+first r % K blocks (lora_rank >= n_blocks is required; the code's `branch_ranks` is not offered).
 Count: sum_k r_k (|R_k| + |C_k|) = r (M + N) / K for K dividing r, M and N.
 
 Update: dW[R_k, C_k] = (alpha / r) (B_k A_k) ⊙ W0[R_k, C_k] with the *total* r, zero off the
@@ -53,7 +53,7 @@ class SMoAAdapter(Adapter):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        (m, n), r, k = self.shape, self.config.rank, self.config.n_blocks
+        (m, n), r, k = self.shape, self.config.lora_rank, self.config.n_blocks
         self.row_sizes, self.col_sizes = split_sizes(m, k), split_sizes(n, k)
         self.ranks = split_sizes(r, k)  # r // K each, one more for the first r % K blocks
         self.scale = self.resolved_scale()
@@ -63,14 +63,14 @@ class SMoAAdapter(Adapter):
 
     @classmethod
     def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
-        (m, n), r, k = shape, config.rank, config.n_blocks
+        (m, n), r, k = shape, config.lora_rank, config.n_blocks
         if not 0 < k <= min(m, n):
             raise ValueError(f"n_blocks={k} must be in 1..{min(m, n)} for smoa on layer {name} ({m}x{n})")
         if r < k:
-            raise ValueError(f"rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
+            raise ValueError(f"lora_rank={r} must be at least n_blocks={k} for smoa (the rank is split over blocks)")
 
     def default_scale(self) -> float:
-        return self.config.alpha / self.config.rank
+        return self.config.alpha / self.config.lora_rank
 
     # --- plan -----------------------------------------------------------------------------
     def plan_layer(self, weight: torch.Tensor | None) -> Plan:

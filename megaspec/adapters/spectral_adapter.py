@@ -48,19 +48,19 @@ class SpectralAdapter(Adapter):
 
     @classmethod
     def check_config(cls, config: AdapterConfig, shape: tuple[int, int], name: str) -> None:
-        r, (m, n) = config.rank, shape
+        r, (m, n) = config.lora_rank, shape
         if not 0 < r <= min(m, n):
-            raise ValueError(f"rank={r} must be in 1..{min(m, n)} for {cls.method} on layer {name} ({m}x{n})")
+            raise ValueError(f"lora_rank={r} must be in 1..{min(m, n)} for {cls.method} on layer {name} ({m}x{n})")
 
     def plan_layer(self, weight: torch.Tensor | None) -> Plan:
-        u1, s1, v1 = top_singular(weight, self.config.rank)
+        u1, s1, v1 = top_singular(weight, self.config.lora_rank)
         return {"U1": u1, "S1": s1, "V1": v1}
 
     def local_plan(self, result: Any) -> Plan:
         return dict(result)
 
     def nominal_plan(self) -> Plan:
-        (m, n), r = self.shape, self.config.rank
+        (m, n), r = self.shape, self.config.lora_rank
         meta = {"dtype": torch.float32, "device": "meta"}
         return {"U1": torch.empty(m, r, **meta), "S1": torch.empty(r, **meta), "V1": torch.empty(n, r, **meta)}
 
@@ -71,7 +71,7 @@ class SpectralAdditiveAdapter(SpectralAdapter):
     method = "spectral_a"
 
     def init_parameters(self) -> None:
-        (m, n), r = self.shape, self.config.rank
+        (m, n), r = self.shape, self.config.lora_rank
         self.spectral_A = self.new_parameter(lambda: torch.zeros(r, n), (r, n))
         self.spectral_B = self.new_parameter(lambda: torch.zeros(m, r), (m, r))
 
@@ -104,7 +104,7 @@ class SpectralRotationAdapter(SpectralAdapter):
     method = "spectral_r"
 
     def init_parameters(self) -> None:
-        r = self.config.rank
+        r = self.config.lora_rank
         self.X_U = self.new_parameter(lambda: torch.zeros(r, r), (r, r))
         self.X_V = self.new_parameter(lambda: torch.zeros(r, r), (r, r))
         self.c = self.new_parameter(lambda: torch.ones(r), (r,))

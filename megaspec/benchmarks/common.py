@@ -2,7 +2,7 @@
 
 Methods are read from the adapter registry at run time (megaspec.adapters.ADAPTERS), so a method
 registered tomorrow shows up in every benchmark; one without an entry in PAPER_SETTINGS runs at
-AdapterConfig's defaults (n_coeffs 750 or rank 8, q and v).
+AdapterConfig's defaults (n_coeffs 750 or lora_rank 8, q and v).
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ class Setting:
 PAPER_SETTINGS: dict[str, list[Setting]] = {
     "ssh": [Setting("ssh n=750", "ssh", {"n_coeffs": 750})],
     "fourierft": [Setting("fourierft n=1000", "fourierft", {"n_coeffs": 1000})],
-    "lora": [Setting(f"lora r={r}", "lora", {"rank": r, "alpha": 2.0 * r}) for r in (8, 16, 64)],
-    "spectral_a": [Setting("spectral_a r=8", "spectral_a", {"rank": 8}, QKV_MLP)],
+    "lora": [Setting(f"lora r={r}", "lora", {"lora_rank": r, "alpha": 2.0 * r}) for r in (8, 16, 64)],
+    "spectral_a": [Setting("spectral_a r=8", "spectral_a", {"lora_rank": 8}, QKV_MLP)],
     # the Spectral^R paper has no LLM setting: the same rank and targets as Spectral^A
-    "spectral_r": [Setting("spectral_r r=8", "spectral_r", {"rank": 8}, QKV_MLP)],
-    "smoa": [Setting("smoa r=8 K=2", "smoa", {"rank": 8, "n_blocks": 2}, ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))],
+    "spectral_r": [Setting("spectral_r r=8", "spectral_r", {"lora_rank": 8}, QKV_MLP)],
+    "smoa": [Setting("smoa r=8 K=2", "smoa", {"lora_rank": 8, "n_blocks": 2}, ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))],
     "s2ft": [Setting("s2ft n=750", "s2ft", {"n_coeffs": 750})],
 }
 
@@ -79,11 +79,11 @@ def is_sparse_spectrum(method: str) -> bool:
 
 
 def default_setting(method: str) -> Setting:
-    """A registered method with no paper entry: AdapterConfig defaults (q,v; n=750 or rank 8)."""
+    """A registered method with no paper entry: AdapterConfig defaults (q,v; n=750 or lora_rank 8)."""
     defaults = AdapterConfig()
     if is_sparse_spectrum(method):
         return Setting(f"{method} n={defaults.n_coeffs}", method, {"n_coeffs": defaults.n_coeffs})
-    return Setting(f"{method} r={defaults.rank}", method, {"rank": defaults.rank})
+    return Setting(f"{method} r={defaults.lora_rank}", method, {"lora_rank": defaults.lora_rank})
 
 
 def paper_settings(methods: list[str] | None = None) -> list[Setting]:

@@ -48,7 +48,7 @@ def jobs(methods: tuple[str, ...] = ("ssh", "lora")) -> list[Job]:
     for fixed in (False, True):
         malloc = "fixed mmap threshold" if fixed else "glibc default malloc"
         for method in methods:
-            extra = ["--n_coeffs", "750"] if method in ("ssh", "fourierft", "s2ft") else ["--rank", "8", "--alpha", "16"]
+            extra = ["--n_coeffs", "750"] if method in ("ssh", "fourierft", "s2ft") else ["--lora_rank", "8", "--alpha", "16"]
             out.append(Job(f"megaspec {method}, {malloc}", "megaspec", method, fixed, extra))
         out.append(Job(f"HF Trainer + peft lora, {malloc}", "hf", "lora", fixed))
     return out

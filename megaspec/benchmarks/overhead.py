@@ -129,7 +129,7 @@ def overhead_settings(methods: list[str] | None = None) -> list[Setting]:
         if method == "ssh":
             out += [Setting(f"ssh n={n} (fast)", "ssh", {"n_coeffs": n, "selection": "per_layer"}) for n in (750, 5000)]
         elif method == "lora":
-            out.append(Setting("lora r=16", "lora", {"rank": 16, "alpha": 32.0}))
+            out.append(Setting("lora r=16", "lora", {"lora_rank": 16, "alpha": 32.0}))
         else:
             setting = (PAPER_SETTINGS.get(method) or [default_setting(method)])[0]
             if is_sparse_spectrum(method):

@@ -13,7 +13,7 @@ from typing import Any
 from megaspec.benchmarks.common import LLAMA_CONFIGS, Setting, llama_config, meta_llama, paper_settings
 from megaspec.model import apply_adapters, trainable_parameter_count
 
-LORA_REFERENCE = Setting("lora r=8", "lora", {"rank": 8, "alpha": 16.0})
+LORA_REFERENCE = Setting("lora r=8", "lora", {"lora_rank": 8, "alpha": 16.0})
 
 
 def count(model_name: str, setting: Setting, **config_overrides: Any) -> tuple[int, int, int]:

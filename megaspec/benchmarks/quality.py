@@ -120,7 +120,7 @@ def rows(methods: list[str] | None = None, lrs: tuple[float, ...] | None = None)
             for n, tag in budgets(method):
                 out.append(Row(f"{method} n={n} ({tag})", "megaspec", method, {"n_coeffs": n}, **grid("sparse")))
         else:
-            fields: dict[str, Any] = {"rank": 8}
+            fields: dict[str, Any] = {"lora_rank": 8}
             if method == "lora":
                 fields["alpha"] = 16.0
             out.append(Row(f"{method} r=8", "megaspec", method, fields, **grid("low_rank")))

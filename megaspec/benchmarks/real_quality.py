@@ -7,7 +7,7 @@ Protocol (one process, plain PyTorch, on --device; the same for every row):
   into --seq_len blocks; 5 % of them held out for the val loss that picks the lr), and its held-out
   test file (data/boolq.test.jsonl), never trained on;
 - every row adapts q_proj and v_proj of every layer: sparse-spectrum methods with --n_coeffs per
-  layer, low-rank ones (and peft LoRA) at --rank;
+  layer, low-rank ones (and peft LoRA) at --lora_rank;
 - training: AdamW (no weight decay), linear warmup over 10 % of --steps then linear decay to 0,
   gradient clipping at 1.0, --batch blocks a step; a seed sets the batch order and the init;
 - lr: each of --lrs (default three per family) on the first seed, the lowest val loss wins, the
@@ -57,7 +57,7 @@ def real_rows(methods: list[str] | None, n_coeffs: int, rank: int, lrs: tuple[fl
         if is_sparse_spectrum(method):
             out.append(Row(f"{method} n={n_coeffs}", "megaspec", method, {"n_coeffs": n_coeffs}, lrs=lrs or LRS["sparse"]))
         else:
-            fields: dict[str, Any] = {"rank": rank} | ({"alpha": 2.0 * rank} if method == "lora" else {})
+            fields: dict[str, Any] = {"lora_rank": rank} | ({"alpha": 2.0 * rank} if method == "lora" else {})
             out.append(Row(f"{method} r={rank}", "megaspec", method, fields, lrs=lrs or LRS["low_rank"]))
     if methods is None or "peft_lora" in methods:
         out.append(Row(f"peft lora r={rank}", "peft_lora", "", {"r": rank, "lora_alpha": 2 * rank}, lrs=lrs or LRS["low_rank"]))

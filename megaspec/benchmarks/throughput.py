@@ -36,7 +36,7 @@ from megaspec.benchmarks.common import PAPER_SETTINGS, Setting, llama_config, ta
 NO_CUDA = "throughput needs a CUDA GPU; none found"
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 FROZEN = Setting("frozen only", "")
-DEFAULT_SETTINGS = [FROZEN, PAPER_SETTINGS["ssh"][0], Setting("lora r=16", "lora", {"rank": 16, "alpha": 32.0})]
+DEFAULT_SETTINGS = [FROZEN, PAPER_SETTINGS["ssh"][0], Setting("lora r=16", "lora", {"lora_rank": 16, "alpha": 32.0})]
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -119,7 +119,7 @@ def export(
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if lora_rank is not None and (format != "peft" or lora_rank < 1):
-        raise ExportError("--rank takes a positive rank and applies to --format peft only")
+        raise ExportError("--lora_rank takes a positive rank and applies to --format peft only")
     if merge_base is not None and format != "merged":
         raise ExportError("--merge_base applies to --format merged only (a peft or megaspec adapter carries no base)")
     out = Path(out)

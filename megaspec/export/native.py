@@ -12,7 +12,7 @@ from megaspec.export.run import Run
 from megaspec.model import CONFIG_NAME, LAYERS_NAME, WEIGHTS_NAME
 
 CARD_NAME = "model_card.json"
-TRAINING_KEYS = ("dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "rank", "alpha", "scale", "init", "max_steps", "seq_len", "lr", "seed", "quantize")
+TRAINING_KEYS = ("dataset", "method", "n_coeffs", "target_modules", "energy_ratio", "selection", "lora_rank", "alpha", "scale", "init", "max_steps", "seq_len", "lr", "seed", "quantize")
 
 
 def _sha256(path: Path) -> str:

@@ -5,10 +5,10 @@
   per-layer scale (sqrt(M N) by default) is folded into the values when layers disagree (peft has
   one `scaling`).
 - LoRA as trained (r, lora_alpha, A, B).
-- Any other method, or any method with --lora / --rank, as LoRA from a factorisation dW = B A:
+- Any other method, or any method with --lora / --lora_rank, as LoRA from a factorisation dW = B A:
   exact for the structured updates (Adapter.low_rank_factors: SSH and FourierFT rank <= 2 * #distinct
   frequencies, LoRA, Spectral Adapter), an exact SVD from row blocks otherwise; B A is reduced
-  to its numerical rank, or truncated to --rank r. lora_alpha = r everywhere (scaling 1), with
+  to its numerical rank, or truncated to --lora_rank r. lora_alpha = r everywhere (scaling 1), with
   rank_pattern / alpha_pattern for per-layer exact ranks. Each layer's relative residual
   ||dW - B A||_F / ||dW||_F is measured against delta_weight and reported.
 """
@@ -102,10 +102,10 @@ def lora_from_factors(run: Run, factors: dict[str, dict[str, Any]], dtype: torch
 
 def lora_as_trained(run: Run, adapters: dict[str, Adapter], dtype: torch.dtype) -> tuple[Any, dict[str, torch.Tensor]]:
     """megaspec LoRA as peft LoRA: the trained A and B, lora_alpha / r = the adapter's scale."""
-    r = run.adapter_config.rank
+    r = run.adapter_config.lora_rank
     scales = {a.scale for a in adapters.values()}
     if len(scales) != 1:
-        raise ExportError(f"LoRA layers disagree on their scale {sorted(scales)}; export with --rank")
+        raise ExportError(f"LoRA layers disagree on their scale {sorted(scales)}; export with --lora_rank")
     config = _lora_config(run, r, scales.pop() * r, {}, {})
     tensors = {}
     for name, a in adapters.items():

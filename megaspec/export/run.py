@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from megaspec.adapters import Adapter
-from megaspec.config import AdapterConfig
+from megaspec.config import AdapterConfig, current_names
 from megaspec.distributed.comm import rank
 from megaspec.model import CONFIG_NAME, LAYERS_NAME, WEIGHTS_NAME, adapters_of, load_adapter
 
@@ -77,7 +77,7 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
     for name in (CONFIG_NAME, LAYERS_NAME):
         if not (adapter_dir / name).is_file():
             raise ExportError(f"adapter folder {adapter_dir} has no {name}")
-    train_config = read_json(config_file, "restore it from the run or rewrite it")
+    train_config = current_names(AdapterConfig, read_json(config_file, "restore it from the run or rewrite it"))
     layers = read_json(adapter_dir / LAYERS_NAME, "re-save the adapter")
     check_adapter_file(adapter_dir / WEIGHTS_NAME, layers)
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megaspec.adapters import adapter_class
-from megaspec.config import AdapterConfig, flat_dict, option, resume_values
+from megaspec.config import AdapterConfig, flat_dict, option, resume_values, to_yaml
 from megaspec.quant import QUANTIZE_CHOICES
 from megaspec.train.activations import ATTN_IMPLEMENTATIONS, CHECKPOINTING_CHOICES
 
@@ -57,6 +57,12 @@ class TrainConfig:
                                          choices=CHECKPOINTING_CHOICES)
     attn_implementation: str | None = option(None, "attention kernel, where the model supports it (default: transformers' "
                                              "choice)", choices=ATTN_IMPLEMENTATIONS)
+    report: str = option("html", "the run report written when a run finishes: html (report.html and figures/, "
+                         "megaspec.train.report; launch/report.py writes it later too) or none", choices=("html", "none"))
+    data_cache: str | None = option(None, "folder of the tokenized-data cache: each node's local rank 0 tokenizes once, "
+                                    "the other ranks and later runs with the same inputs load the blocks "
+                                    "(megaspec.train.data_cache; default $MEGASPEC_CACHE/tokenized, i.e. "
+                                    "~/.cache/megaspec/tokenized); none: every rank tokenizes, nothing cached")
     report_to: str = option("tensorboard", "where metrics and figures go, comma-separated: tensorboard, wandb, mlflow "
                             "(used when installed), all or none (megaspec.train.trackers)")
 
@@ -69,11 +75,25 @@ class TrainConfig:
         return self.lr if self.lr is not None else adapter_class(self.adapter.method).default_lr
 
 
-def resume_keys(cfg: TrainConfig) -> dict[str, Any]:
-    """What must match for --resume to continue a run (not max_steps, not logging cadence): the fields marked resume."""
-    return resume_values(cfg)
+def resume_keys(cfg: TrainConfig, former: bool = False) -> dict[str, Any]:
+    """What must match for --resume to continue a run (not max_steps, not logging cadence): the fields marked resume.
+
+    former=True: renamed fields under their former names, the form a checkpoint's config_hash is taken of.
+    """
+    return resume_values(cfg, former)
 
 
 def run_record(cfg: TrainConfig, base_folder: str | None) -> dict[str, Any]:
     """train_config.json: one key per option (the flags' names) and the HF folder the base was loaded from."""
     return {**flat_dict(cfg), "base_folder": base_folder}
+
+
+# run-folder options: a saved config.yaml starts a new run wherever --output_dir (or the default) says
+RUN_FOLDER_OPTIONS = ("output_dir", "resume", "overwrite")
+
+
+def run_config_yaml(cfg: TrainConfig, out: str) -> str:
+    """config.yaml of a run: every option but the run-folder ones; `--config` with it trains the same run again."""
+    header = (f"megaspec run {out}: its resolved options (paths relative to where it was started).\n"
+              f"Train it again: deepspeed launch/train.py --config {out}/config.yaml --output_dir NEW_FOLDER")
+    return to_yaml(cfg, header, leave_out=RUN_FOLDER_OPTIONS)

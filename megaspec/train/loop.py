@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +49,9 @@ from megaspec.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from megaspec.train.config import TrainConfig, resume_keys, run_record
-from megaspec.train.data import (
-    IGNORE,
-    DataConfig,
-    batch_iterator,
-    batch_tokens,
-    build_datasets,
-    collate,
-    load_tokenizer,
-)
+from megaspec.train.config import TrainConfig, resume_keys, run_config_yaml, run_record
+from megaspec.train.data import IGNORE, DataConfig, batch_iterator, batch_tokens, collate, load_tokenizer
+from megaspec.train.data_cache import node_datasets, run_data_config
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
@@ -235,7 +229,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
     beat.phase("writing the final adapter")
     final = {**metrics, "step": step, "output_dir": str(run.out), "trainable": run.summary.trainable}
     _write_final(run.model, run.out, final)
-    if rank() == 0:
+    if rank() == 0 and cfg.report == "html":
         write_report_or_warn(run.out)  # report.html; never ends a run
     return final
 
@@ -260,13 +254,17 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
-    train_set, eval_set = build_datasets(data_config(cfg), tokenizer)
+    data_cfg = data_config(cfg)
+    nonce = all_gather_object(uuid.uuid4().hex)[0]  # tags a failed build's error file with this run
+    beat.phase("setup (tokenizing the data once per node, megaspec.train.data_cache)")
+    train_set, eval_set = node_datasets(data_cfg, tokenizer, cfg.data_cache, nonce, log=_say)
+    beat.phase("setup (starting the DeepSpeed engine, restoring a checkpoint)")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     _create_output_dir(out, cfg)
     run = Run(cfg, engine, model, out, summary, train_set, eval_set, engine.train_micro_batch_size_per_gpu(),
-              engine.gradient_accumulation_steps(), {"config_hash": config_hash(resume_keys(cfg)), "base_model": model_path},
+              engine.gradient_accumulation_steps(), {"config_hash": config_hash(resume_keys(cfg, former=True)), "base_model": model_path},
               trainable, NonFiniteGuard(cfg.max_skipped_steps))
     if calibrating(adapters_of(model)):
         summary.plan.update(calibrate_or_restore(engine, cfg, ckpt, train_set, run.micro, run.accum))
@@ -404,9 +402,8 @@ def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> No
 
 
 def data_config(cfg: TrainConfig) -> DataConfig:
-    """The run's DataConfig; the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus."""
-    return DataConfig(dataset=cfg.dataset, seq_len=cfg.seq_len, seed=cfg.seed, format="auto" if cfg.dataset else "instruction",
-                      packing=cfg.packing, chat_template=cfg.chat_template)
+    """The run's DataConfig (megaspec.train.data_cache.run_data_config with the run's packing and chat template)."""
+    return run_data_config(cfg.dataset, cfg.seq_len, cfg.seed, cfg.packing, cfg.chat_template)
 
 
 def run_tokenizer(cfg: TrainConfig) -> Any:
@@ -436,7 +433,7 @@ def _hidden_size(model: str) -> int:
 
 # What megaspec writes into a run folder: --overwrite replaces a folder holding these and nothing else.
 RUN_FILES = frozenset({
-    "adapter", "adapter_summary.json", CHECKPOINTS, "ds_config.json", "final_metrics.json", "metrics.jsonl",
+    "adapter", "adapter_summary.json", CHECKPOINTS, "config.yaml", "ds_config.json", "final_metrics.json", "metrics.jsonl",
     "tensorboard", "train_config.json", ".tmp-adapter", ".final_metrics.json.tmp",
     "figures", "report.html", ".report.html.tmp", "wandb", "mlflow",  # monitor figures, run report, trackers
 })
@@ -507,8 +504,9 @@ def _create_output_dir(out: Path, cfg: TrainConfig) -> None:
 def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], summary: Any, continuing: bool, base: str = "") -> None:
     """The run's config files (rank 0); a resumed run that goes on drops the finished-run files of its earlier end.
 
-    train_config.json also records `base_folder`, the HF folder the base was loaded from (for a .gguf
-    --model its converted copy, megaspec.gguf), which export and generate load.
+    train_config.json (flat, what export, generate, report and --resume read) also records `base_folder`,
+    the HF folder the base was loaded from (for a .gguf --model its converted copy, megaspec.gguf);
+    config.yaml holds the same options as a --config file.
     """
     if rank() != 0:
         return
@@ -520,5 +518,6 @@ def _write_run_files(out: Path, cfg: TrainConfig, ds_config: dict[str, Any], sum
         (out / "final_metrics.json").unlink(missing_ok=True)
         shutil.rmtree(out / "adapter", ignore_errors=True)
     (out / "train_config.json").write_text(json.dumps(run_record(cfg, base or None), indent=1))
+    (out / "config.yaml").write_text(run_config_yaml(cfg, str(out)))  # --config FILE trains this run again
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1))
     (out / "adapter_summary.json").write_text(json.dumps(dataclasses.asdict(summary), indent=1, default=str))

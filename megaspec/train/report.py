@@ -230,7 +230,7 @@ def export_commands(run: Path, method: str | None) -> list[str]:
         f"python launch/export.py --run {r} --out {name}-peft --format peft",
     ]
     if method not in ("fourierft", "lora"):
-        lines.append(f"python launch/export.py --run {r} --out {name}-peft64 --format peft --rank 64")
+        lines.append(f"python launch/export.py --run {r} --out {name}-peft64 --format peft --lora_rank 64")
     lines += [
         f"python launch/export.py --run {r} --out {name}-native --format megaspec",
         f"python launch/generate.py --run {r} --greedy --prompt \"...\"",

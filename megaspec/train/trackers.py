@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -82,16 +83,36 @@ class _StepBuffer:
         self.flush()
 
 
-class WandbTracker(_StepBuffer):
-    """One W&B run per process start, its files under the run folder."""
+RUN_ID = "megaspec_run_id"  # in the tracker's folder of the run: the tracker run a --resume continues
 
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+
+def saved_run_id(output_dir: Path, name: str) -> str | None:
+    """The id of the W&B or MLflow run this run folder logged to, if one was recorded."""
+    path = output_dir / name / RUN_ID
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def record_run_id(output_dir: Path, name: str, run_id: str) -> None:
+    """Keep the tracker run's id in the run folder (written whole: a tmp file renamed)."""
+    path = output_dir / name / RUN_ID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+
+
+class WandbTracker(_StepBuffer):
+    """One W&B run per run folder, its files under it; a resumed run continues the same W&B run."""
+
+    def __init__(self, output_dir: Path, config: dict[str, Any], resume: bool = False) -> None:
         super().__init__()
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "megaspec"), name=output_dir.name,
-                              dir=str(output_dir), config=config, reinit="finish_previous")
+        run_id = (saved_run_id(output_dir, "wandb") if resume else None) or secrets.token_hex(4)  # W&B: 8 characters of [a-z0-9]
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "megaspec"), name=output_dir.name, id=run_id,
+                              resume="allow", dir=str(output_dir), config=config, reinit="finish_previous")
+        record_run_id(output_dir, "wandb", run_id)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         self.run.log(values, step=step)
@@ -108,9 +129,10 @@ class WandbTracker(_StepBuffer):
 
 
 class MlflowTracker(_StepBuffer):
-    """One MLflow run through MlflowClient (no global active run): metrics in batches, images as artifacts."""
+    """One MLflow run per run folder, through MlflowClient (no global active run): metrics in batches, images as
+    artifacts; a resumed run continues the same MLflow run."""
 
-    def __init__(self, output_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, output_dir: Path, config: dict[str, Any], resume: bool = False) -> None:
         super().__init__()
         from mlflow.tracking import MlflowClient
 
@@ -122,12 +144,24 @@ class MlflowTracker(_StepBuffer):
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "megaspec")
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        saved = saved_run_id(output_dir, "mlflow") if resume else None
+        if saved is not None and self._exists(saved):
+            self.run_id = saved
+            self.client.update_run(saved, status="RUNNING")
+            return  # its params are logged; MLflow refuses to change one (a resume may raise max_steps)
         self.run_id = self.client.create_run(experiment_id, run_name=output_dir.name).info.run_id
+        record_run_id(output_dir, "mlflow", self.run_id)
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:500]) for k, v in config.items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id) is not None
+        except Exception:  # deleted, or another tracking server: start a new run
+            return False
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -224,7 +258,7 @@ def open_trackers(report_to: str | Sequence[str], output_dir: Path, config: dict
                   f"(pip install {PACKAGE[name]})")
             continue
         try:
-            others[name] = cls(output_dir, dict(config or {}))
+            others[name] = cls(output_dir, dict(config or {}), resume=purge_step is not None)
         except Exception as exc:
             _warn(f"warning: --report_to {name} could not start ({type(exc).__name__}: "
                   f"{str(exc).splitlines()[0] if str(exc) else ''}); {name} is skipped")

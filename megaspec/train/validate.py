@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from megaspec.adapters import adapter_class, linear_shape
+from megaspec.config import current_names
 from megaspec.gguf import resolve_model, run_dtype
 from megaspec.model import SUPPORTED_MODEL_TYPES
 from megaspec.train.activations import check_attn_implementation, use_checkpointing
@@ -48,6 +49,7 @@ from megaspec.train.data import (
     load_records,
     load_tokenizer,
 )
+from megaspec.train.data_cache import check_cache_dir
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
 from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
@@ -76,6 +78,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     check_dataset(cfg.dataset)
     check_packing(getattr(cfg, "packing", "naive"))
     check_chat(cfg, tokenizer)
+    problem = check_cache_dir(getattr(cfg, "data_cache", None))  # waiting ranks need the builder's file
+    if problem:
+        raise ConfigError(problem)
     check_ds_config(raw_ds, cfg, int(getattr(model_config, "hidden_size", 4096)))
     if getattr(cfg, "quantize", "none") not in (None, "none"):
         check_quantize(cfg.quantize)
@@ -94,7 +99,7 @@ def check_numbers(cfg: TrainConfig) -> None:
     a = cfg.adapter
     positive = {"max_steps": cfg.max_steps, "seq_len": cfg.seq_len, "save_every": cfg.save_every,
                 "log_every": cfg.log_every, "image_every": cfg.image_every, "keep_checkpoints": cfg.keep_checkpoints,
-                "rank": a.rank, "s2ft_estimate_steps": a.s2ft_estimate_steps}
+                "lora_rank": a.lora_rank, "s2ft_estimate_steps": a.s2ft_estimate_steps}
     if cfg.halt_at_step is not None:
         positive["halt_at_step"] = cfg.halt_at_step
     for name, value in positive.items():
@@ -255,11 +260,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
     saved_cfg = None
     if (out / RUN_CONFIG).is_file():
         try:
-            saved_cfg = json.loads((out / RUN_CONFIG).read_text())
+            saved_cfg = current_names(TrainConfig, json.loads((out / RUN_CONFIG).read_text()))
         except ValueError:
             saved_cfg = None
     state = _latest_trainer_state(out)
-    differs = state is not None and state.get("config_hash") != config_hash(wanted)
+    differs = state is not None and state.get("config_hash") != config_hash(resume_keys(cfg, former=True))
     if saved_cfg is not None and (differs or state is None):
         changed = [k for k, v in wanted.items() if k in saved_cfg and saved_cfg[k] != v]
         if changed:
