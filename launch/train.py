@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_STOPPED if result.get("stopped") else 0
 
 
-def print_data(cfg: object) -> None:
+def print_data(cfg: TrainConfig) -> None:
     """--show_data N: the first N formatted training examples on stdout, trained tokens marked (megaspec.train.show_data)."""
     from megaspec.train.loop import data_config, run_tokenizer
     from megaspec.train.show_data import show_data
