@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat_template", default=None, metavar="auto|none|FILE.jinja",
+                   help="wrap --prompt as a user turn with this chat template (auto: the tokenizer's); default: the "
+                   "run's --chat_template, so the prompt is shaped as its instruction or chat records were trained. "
+                   "A run trained on plain text: none")
     args = p.parse_args(argv)
     problem = sampling_problem(args)
     if problem:
@@ -66,10 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, FileNotFoundError, ValueError) as e:  # ValueError: an adapter that does not fit the base
         print(f"generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    prompt = args.prompt.replace("\\n", "\n")
-    text = complete(model, tokenizer, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed)
+    from megaspec.train.chat import ChatError, resolve_template
+
+    try:
+        template = resolve_template(tokenizer, args.chat_template or run_chat_template(args.run))
+        prompt = args.prompt.replace("\\n", "\n")
+        text = complete(model, tokenizer, prompt, args.max_new_tokens, args.greedy, args.temperature, args.top_p, args.seed,
+                        template)
+    except ChatError as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 2
     print(text, flush=True)
     return 0
+
+
+def run_chat_template(run: str) -> str:
+    """The run's --chat_template (train_config.json); runs from before chat templates trained without one."""
+    import json
+    from pathlib import Path
+
+    return str(json.loads((Path(run) / "train_config.json").read_text()).get("chat_template") or "none")
 
 
 if __name__ == "__main__":

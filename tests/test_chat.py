@@ -255,3 +255,24 @@ def test_zero3_run_on_isolated_chat_blocks_starts_at_the_plain_model_loss(tmp_pa
             first[packing] = float(model(**next(batch_iterator(train, 4, cfg.seed))).loss)
     assert records[0]["loss"] == pytest.approx(first["isolated"], rel=1e-4)
     assert abs(first["naive"] - first["isolated"]) > 1e-3
+
+
+def test_generate_prompts_as_the_templated_records_trained(chatml_tok):
+    """complete() with a template feeds the user turn and the assistant header: the prompt of a trained chat's reply."""
+    from megaspec.export.generate import complete
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(chatml_tok))
+    model = LlamaForCausalLM(config).eval()
+    prompt = [{"role": "user", "content": "the cat"}]
+    text, (span,) = render_spans([*prompt, {"role": "assistant", "content": "x"}], chatml_tok, CHATML)
+    ids = torch.tensor([chatml_tok(text[: span[0]], add_special_tokens=False)["input_ids"]])  # oracle: up to the reply
+    expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                              pad_token_id=chatml_tok.pad_token_id, eos_token_id=chatml_tok.eos_token_id)
+    got = complete(model, chatml_tok, "the cat", max_new_tokens=4, greedy=True, template=CHATML)
+    assert got == chatml_tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    untemplated = complete(model, chatml_tok, "the cat", max_new_tokens=4, greedy=True)
+    bos_ids = torch.tensor([[chatml_tok.bos_token_id, *chatml_tok("the cat", add_special_tokens=False)["input_ids"]]])
+    plain = model.generate(input_ids=bos_ids, attention_mask=torch.ones_like(bos_ids), max_new_tokens=4, do_sample=False,
+                           pad_token_id=chatml_tok.pad_token_id, eos_token_id=chatml_tok.eos_token_id)
+    assert untemplated == chatml_tok.decode(plain[0, bos_ids.shape[1]:], skip_special_tokens=True)

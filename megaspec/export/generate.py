@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from megaspec.export.run import ExportError, load_base, open_run
 from megaspec.model import load_adapter
+from megaspec.train.chat import render_prompt
 from megaspec.train.data import load_tokenizer
 
 
@@ -45,10 +46,20 @@ def complete(
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
+    template: str | None = None,
 ) -> str:
-    """The completion of `prompt` (new tokens only, special tokens dropped), tokenized as in training: [BOS] prompt."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = torch.tensor([bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=next(model.parameters()).device)
+    """The completion of `prompt` (new tokens only, special tokens dropped), tokenized as in training.
+
+    template None: [BOS] prompt, as plain-text and untemplated records train; a chat template: the prompt
+    as one user turn followed by the assistant header, as templated records train (megaspec.train.chat).
+    """
+    if template is not None:
+        text = render_prompt(tokenizer, template, [{"role": "user", "content": prompt}])
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        tokens = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tokens], device=next(model.parameters()).device)
     sampling = {} if greedy else {"temperature": temperature, "top_p": top_p}
     torch.manual_seed(seed)
     out = model.generate(

@@ -90,6 +90,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, template: str, messages: Message
     return text
 
 
+def render_prompt(tokenizer: PreTrainedTokenizerBase, template: str, messages: Messages) -> str:
+    """The text a model is prompted with: `messages` then the assistant header, as the trained turns began."""
+    return _render(tokenizer, template, messages, generation=True)
+
+
 def render_spans(messages: Messages, tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str, list[tuple[int, int]]]:
     """(the conversation's text, the [start, end) character spans of its assistant turns)."""
     full = _render(tokenizer, template, messages, generation=False)
