@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, TrainConfig)
+    p.add_argument("--list_checkpoints", metavar="RUN", default=None,
+                   help="list the checkpoints of run folder RUN (step, loss, world size) and exit; no training")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_cpu_accelerator()
     args = parse_args(argv)
+    if args.list_checkpoints is not None:
+        return list_checkpoints(args.list_checkpoints)
     try:
         fix_mmap_threshold()  # before the model and data exist (megaspec.train.host_memory)
     except ValueError as e:
@@ -82,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     if not joined_before:
         leave_process_group(wait=True)
     return EXIT_STOPPED if result.get("stopped") else 0
+
+
+def list_checkpoints(run: str) -> int:
+    """Print one line per checkpoint of `run` (exit 0), or one error line (exit 2) when it holds none."""
+    from megaspec.train.checkpoint import list_checkpoints as describe
+
+    try:
+        lines = describe(run)
+    except ValueError as e:
+        say(f"train: error: {e}")
+        return 2
+    print("\n".join(lines), flush=True)
+    return 0
 
 
 def say(line: str) -> None:
