@@ -6,6 +6,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -33,8 +35,8 @@ from megaspec.train.dsconfig import ConfigError
 from megaspec.train.global_batch import fit_global_batch, split_problem
 
 from .conftest import tiny_config
-from .distributed import run_ranks
-from .launcher import check, losses, metrics, run_train
+from .distributed import REPO, run_ranks
+from .launcher import check, cpu_env, losses, metrics, run_train
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -147,6 +149,13 @@ def test_list_checkpoints(run: dict, tmp_path: Path) -> None:
     for missing in (tmp_path / "nowhere", tmp_path):
         with pytest.raises(ValueError, match="does not exist|holds no checkpoint"):
             list_checkpoints(missing)
+    cli = [sys.executable, str(REPO / "launch" / "train.py"), "--list_checkpoints"]
+    listed = subprocess.run([*cli, str(run["out"])], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == lines, listed.stderr
+    empty = subprocess.run([*cli, str(tmp_path)], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and empty.stdout == "", empty.stderr
+    assert empty.stderr.splitlines() == [f"train: error: --list_checkpoints: {tmp_path} holds no checkpoint "
+                                         f"({tmp_path / CHECKPOINTS} has no step-* folder)"]
 
 
 @pytest.mark.parametrize(("global_batch", "micro", "world", "accum"), [(8, 4, 1, 2), (8, 4, 2, 1), (8, 2, 2, 2), (12, 2, 3, 2)])

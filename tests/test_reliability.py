@@ -82,7 +82,8 @@ CASES = [
          process=True),
     Case("resume_other_method", lambda ws: ["--resume", "--method", "lora"], "has method='ssh' but this run has method='lora'",
          existing=True, overwrite=False),
-    Case("resume_other_world_size", lambda ws: ["--resume"], "saved by 2 ranks, this run has 1", existing=True, overwrite=False),
+    Case("resume_old_checkpoint_other_world_size", lambda ws: ["--resume"], "saved by 2 ranks, this run has 1, and it predates",
+         existing=True, overwrite=False),
 ]
 
 

@@ -449,8 +449,8 @@ def _load_engine(engine: Any, path: Path, state: dict[str, Any]) -> None:
     """DeepSpeed's own loader, for checkpoints without training_state.safetensors (per-rank partitions: same world size)."""
     if state["world_size"] != world_size():
         raise ValueError(
-            f"{path} was saved by {state['world_size']} ranks before checkpoints held a rank-independent state, "
-            f"this run has {world_size()}: resume it on {state['world_size']} ranks"
+            f"{path} was saved by {state['world_size']} ranks, this run has {world_size()}, and it predates "
+            f"rank-independent checkpoints: resume it with the same number of ranks"
         )
     # load_module_strict=False: the frozen base was excluded from the save; the adapter values
     # come back from the ZeRO optimizer's fp32 partitions, which are complete.

@@ -141,9 +141,8 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
 
     The estimate takes s2ft_estimate_steps optimizer steps' worth of micro-batches (accum per rank
     per step, so 1 and N ranks see the same global batches) from a stream of their own. A resumed
-    run never calibrates again: its plan is read from the checkpoint's adapter/ folder, because
-    load_checkpoint checks the plan digest before the engine state (which also holds the module's
-    buffers) is loaded.
+    run never calibrates again, whatever its number of ranks: its plan is read from the checkpoint's
+    adapter/ folder, because load_checkpoint checks the plan digest before it sets the training state.
     """
     if ckpt is not None:
         load_plans(engine.module, ckpt / "adapter")

@@ -259,9 +259,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: the checkpoint in {out} was made with other settings (config hash differs); "
                           "pass the run's settings (see its train_config.json), or a new --output_dir")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if state is not None and state.get("world_size") not in (None, world):
-        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}; "
-                          "resume with the same number of ranks")
+    # a checkpoint with a rank-independent training state (format 2) resumes on any number of ranks
+    if state is not None and state.get("format", 1) < 2 and state.get("world_size") not in (None, world):
+        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}, "
+                          "and it predates rank-independent checkpoints: resume it with the same number of ranks")
 
 
 # --- model, tokenizer, adapters ----------------------------------------------------------------
