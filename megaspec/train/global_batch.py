@@ -50,12 +50,15 @@ def fit_global_batch(ds_config: dict[str, Any], saved: dict[str, Any], world: in
     micro = int(ds_config.get("train_micro_batch_size_per_gpu") or old_micro)
     problem = split_problem(global_batch, micro, world)
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(f"--resume: {problem}")
     accum = global_batch // (micro * world)
     fitted = copy.deepcopy(ds_config)
     fitted.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     before = (int(saved["world_size"]), old_micro, int(saved["accumulation"]))
-    if before == (world, micro, accum):
+    asked = ds_config.get("train_batch_size")
+    ignored = (f"; --ds_config's train_batch_size {asked} does not apply to a resumed run"
+               if isinstance(asked, int) and asked != global_batch else "")
+    if before == (world, micro, accum) and not ignored:
         return fitted, None
     return fitted, (f"global batch {global_batch} as in the checkpoint: {world} rank(s) x micro-batch {micro} x "
-                    f"accumulation {accum} (it was written by {before[0]} rank(s) x {before[1]} x {before[2]})")
+                    f"accumulation {accum} (it was written by {before[0]} rank(s) x {before[1]} x {before[2]}){ignored}")

@@ -40,6 +40,7 @@ from megaspec.train.data import (
     load_tokenizer,
 )
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
+from megaspec.train.global_batch import fit_global_batch
 from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
 
@@ -174,6 +175,9 @@ def check_ds_config(raw: dict[str, Any], cfg: TrainConfig, hidden_size: int) -> 
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
     resolved = resolve_ds_config(raw, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    saved = _latest_trainer_state(Path(cfg.output_dir)) if cfg.resume and cfg.output_dir else None
+    if saved is not None and saved.get("format", 1) >= 2:  # the run keeps the checkpoint's global batch (loop.setup)
+        resolved, _ = fit_global_batch(resolved, saved, world)
     try:
         _offline_ds_config(resolved, world)
     except ValidationError as e:
