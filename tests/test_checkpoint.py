@@ -57,14 +57,15 @@ def init_single_process() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def make_engine(method: str = "ssh") -> tuple[object, torch.nn.Module, megaspec.AdapterSummary]:
-    """A tiny LLaMA adapted by `method` inside a ZeRO-3 engine; identical for identical calls."""
+def make_engine(method: str = "ssh", stage: int = 3) -> tuple[object, torch.nn.Module, megaspec.AdapterSummary]:
+    """A tiny LLaMA adapted by `method` inside a ZeRO-`stage` engine; identical for identical calls."""
     init_single_process()
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config())
     summary = megaspec.apply_adapters(model, megaspec.AdapterConfig(method=method, n_coeffs=64))
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=DS_CONFIG)
+    config = {**DS_CONFIG, "zero_optimization": {"stage": stage}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine, model, summary
 
 
@@ -196,6 +197,19 @@ def test_resume_matches_uninterrupted_run(run: dict) -> None:
     assert engine.global_steps == 2
     for step in (3, 4):
         assert train_step(engine, step) == pytest.approx(run["losses"][step], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_under_zero2_and_without_zero_matches(stage: int, tmp_path: Path) -> None:
+    """The training state is set by name under ZeRO-2 (fragments of a flat fp32 copy) and with no ZeRO at all."""
+    engine, model, _ = make_engine(stage=stage)
+    for step in (1, 2):
+        train_step(engine, step)
+    path = save_checkpoint(engine, model, tmp_path, 2, {})
+    expected = [train_step(engine, step) for step in (3, 4)]
+    fresh, _, _ = make_engine(stage=stage)
+    assert load_checkpoint(fresh, path)["optimizer_step"] == 2
+    assert [train_step(fresh, step) for step in (3, 4)] == pytest.approx(expected, abs=1e-6, rel=0)
 
 
 def test_load_refuses_mismatch(run: dict) -> None:

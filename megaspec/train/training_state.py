@@ -95,6 +95,10 @@ def _ensure_states(engine: Any, keys: list[str], step: int) -> None:
         old = state.get("step")
         like = old if torch.is_tensor(old) else torch.tensor(0.0)
         state["step"] = torch.tensor(float(step), dtype=like.dtype, device=like.device)
+    # ZeRO-1/2 and the bf16 optimizer map each parameter's fragment to these states at their first step
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
 
 
 def _set_zero3_partition(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
