@@ -2,6 +2,7 @@
 
 With no model or data arguments this runs the embedded default (a tiny LLaMA and a generated
 corpus) on whatever the machine has. Also runs under torchrun and srun (RANK/WORLD_SIZE/... set).
+`python launch/train.py --list_checkpoints runs/X` lists a run's checkpoints (step, loss, world size).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ each rank's partitions by name, so the state loads on any number of ranks, exact
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -71,13 +72,21 @@ def capture(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors[f"{PARAM}/{name}"] = _full(engine, param, None)
         for key in keys:
             tensors[f"{key}/{name}"] = _full(engine, param, key)
-    scheduler = engine.lr_scheduler
-    scalars = {
-        "optimizer_step": optimizer_step(engine),
-        "moments": keys,
-        "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
-    }
+    scalars = {"optimizer_step": optimizer_step(engine), "moments": keys, "lr_scheduler": _scheduler_state(engine)}
     return tensors, scalars
+
+
+def _scheduler_state(engine: Any) -> dict[str, Any] | None:
+    """The LR scheduler's state_dict when it is plain JSON (DeepSpeed's: its iteration), else None."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "state_dict"):
+        return None
+    state = scheduler.state_dict()
+    try:
+        json.dumps(state)
+    except (TypeError, ValueError):
+        return None  # not JSON: DeepSpeed's own schedules are set from the step by loop.align_lr_schedule
+    return state
 
 
 def _ensure_states(engine: Any, keys: list[str], step: int) -> None:
