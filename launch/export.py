@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, dest="lora_rank", help=argparse.SUPPRESS)  # its former name, still accepted
     p.add_argument("--lora", action="store_true", help="peft: export as LoRA even when peft has the method (FourierFT)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="weights' dtype (default: the base's; peft: float32)")
-    p.add_argument("--adapter", default=None, help="adapter folder to export (default RUN/adapter; e.g. a checkpoint's)")
+    p.add_argument("--adapter", default=None, help="adapter or checkpoint folder to export (default RUN/adapter; e.g. RUN/checkpoints/step-000050)")
     p.add_argument("--max_shard_size", type=positive_float, default=5.0, help="merged: GB per safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--merge_base", choices=("original", "dequantized"), default=None,

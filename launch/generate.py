@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder written by launch/train.py (runs/X)")
     p.add_argument("--merged", default=None, help="merged checkpoint folder (launch/export.py --format merged)")
-    p.add_argument("--adapter", default=None, help="adapter folder (default RUN/adapter)")
+    p.add_argument("--adapter", default=None, help="adapter or checkpoint folder (default RUN/adapter; e.g. RUN/checkpoints/step-000050)")
     p.add_argument("--prompt", required=True, help='prompt text, e.g. "Q: add 3 and 4\\nA:"')
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")

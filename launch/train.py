@@ -3,6 +3,7 @@
 With no model or data arguments this runs the embedded default (a tiny LLaMA and a generated
 corpus) on whatever the machine has. Also runs under torchrun and srun (RANK/WORLD_SIZE/... set).
 Options come from the flags, or from `--config FILE` (YAML or JSON; flags given beside it win).
+`python launch/train.py --list_checkpoints runs/X` lists a run's checkpoints (step, loss, world size).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p = Parser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flag(p)
     add_flags(p, TrainConfig)
+    p.add_argument("--list_checkpoints", metavar="RUN", default=None,
+                   help="list the checkpoints of run folder RUN (step, loss, world size) and exit; no training")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return parse_config(p, TrainConfig, argv)
 
@@ -46,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from megaspec.train.host_memory import fix_mmap_threshold
 
     prefer_cpu_accelerator()
+    listing = checkpoints_to_list(argv)
+    if listing is not None:
+        return list_checkpoints(listing)
     cfg = parse_args(argv)
     try:
         fix_mmap_threshold()  # before the model and data exist (megaspec.train.host_memory)
@@ -96,6 +102,26 @@ def print_data(cfg: TrainConfig) -> None:
     from megaspec.train.show_data import show_data
 
     print(show_data(data_config(cfg), run_tokenizer(cfg), cfg.show_data, colour=sys.stdout.isatty()), flush=True)
+
+
+def checkpoints_to_list(argv: list[str] | None) -> str | None:
+    """The RUN of --list_checkpoints RUN, which lists and exits instead of training (no other option applies)."""
+    p = Parser(add_help=False)
+    p.add_argument("--list_checkpoints", metavar="RUN", default=None)
+    return p.parse_known_args(argv)[0].list_checkpoints
+
+
+def list_checkpoints(run: str) -> int:
+    """Print one line per checkpoint of `run` (exit 0), or one error line (exit 2) when it holds none."""
+    from megaspec.train.checkpoint import list_checkpoints as describe
+
+    try:
+        lines = describe(run)
+    except ValueError as e:
+        say(f"train: error: {e}")
+        return 2
+    print("\n".join(lines), flush=True)
+    return 0
 
 
 def say(line: str) -> None:

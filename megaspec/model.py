@@ -210,7 +210,7 @@ def load_plans(model: nn.Module, directory: str | Path) -> None:
     """Copy the saved plans of the model's data-planned adapters (S2FT) from `directory`, in place.
 
     Resuming a run restores the plan it trained with instead of calibrating again; parameters are
-    left alone (the engine checkpoint restores them, into the optimizer's own tensors).
+    left alone (the checkpoint's training state restores them, into the optimizer's own tensors).
     """
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
     for name, adapter in calibrating(adapters_of(model)).items():

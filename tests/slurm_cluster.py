@@ -193,6 +193,10 @@ class SlurmCluster:
     def scancel(self, job_id: int, *options: str) -> None:
         self._run(["scancel", *options, str(job_id)])
 
+    def scontrol(self, *args: str) -> None:
+        """`scontrol ARGS`, e.g. ("update", "NodeName=node2", "State=DRAIN", "Reason=test")."""
+        self._run(["scontrol", *args])
+
     def logs(self, tail: int = 1500) -> str:
         """The tails of the daemons' logs, for failure messages."""
         parts = []

@@ -6,6 +6,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -23,14 +25,18 @@ from megaspec.train.checkpoint import (
     MANIFEST,
     config_hash,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     positions_digest,
     save_checkpoint,
     verify_checkpoint,
 )
+from megaspec.train.dsconfig import ConfigError
+from megaspec.train.global_batch import fit_global_batch, split_problem
 
 from .conftest import tiny_config
-from .distributed import run_ranks
+from .distributed import REPO, run_ranks
+from .launcher import check, cpu_env, losses, metrics, run_train
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
@@ -51,14 +57,15 @@ def init_single_process() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def make_engine(method: str = "ssh") -> tuple[object, torch.nn.Module, megaspec.AdapterSummary]:
-    """A tiny LLaMA adapted by `method` inside a ZeRO-3 engine; identical for identical calls."""
+def make_engine(method: str = "ssh", stage: int = 3) -> tuple[object, torch.nn.Module, megaspec.AdapterSummary]:
+    """A tiny LLaMA adapted by `method` inside a ZeRO-`stage` engine; identical for identical calls."""
     init_single_process()
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config())
     summary = megaspec.apply_adapters(model, megaspec.AdapterConfig(method=method, n_coeffs=64))
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=DS_CONFIG)
+    config = {**DS_CONFIG, "zero_optimization": {"stage": stage}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     return engine, model, summary
 
 
@@ -118,6 +125,56 @@ def test_layout_and_latest(run: dict) -> None:
     assert state["step"] == 4 and state["data_position"] == 8 and state["method"] == "ssh"
     assert state["positions_digest"] == run["summary"].plan["digest"] == positions_digest(run["model"])
     assert len(state["rng"]) == 1 and state["world_size"] == 1
+    assert (state["global_batch"], state["micro_batch"], state["accumulation"], state["global_samples"]) == (2, 2, 1, 8)
+
+
+def test_training_state_holds_whole_tensors_by_name(run: dict) -> None:
+    """training_state.safetensors: every trainable parameter's fp32 master and Adam moments, and Adam's step."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run["step4"] / "training_state.safetensors"))
+    state = json.loads((run["step4"] / "trainer_state.json").read_text())
+    names = [n for n, p in run["model"].named_parameters() if p.requires_grad]
+    assert set(tensors) == {f"{kind}/{n}" for n in names for kind in ("param", "exp_avg", "exp_avg_sq")}
+    gathered = coeffs(run["model"])  # save_adapter's gather: the same values by another path
+    for name in names:
+        assert torch.equal(tensors[f"param/{name}"], gathered[name]), name
+        assert tensors[f"exp_avg_sq/{name}"].min() >= 0
+    assert state["optimizer_step"] == 4 and state["moments"] == ["exp_avg", "exp_avg_sq"]
+
+
+def test_list_checkpoints(run: dict, tmp_path: Path) -> None:
+    lines = list_checkpoints(run["out"])
+    assert [line.split()[0] for line in lines] == ["step-000002", "step-000004"]
+    assert "step 4  loss -  world size 1  global batch 2  verified  latest" in lines[1]
+    for missing in (tmp_path / "nowhere", tmp_path):
+        with pytest.raises(ValueError, match="does not exist|holds no checkpoint"):
+            list_checkpoints(missing)
+    cli = [sys.executable, str(REPO / "launch" / "train.py"), "--list_checkpoints"]
+    listed = subprocess.run([*cli, str(run["out"])], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == lines, listed.stderr
+    empty = subprocess.run([*cli, str(tmp_path)], env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and empty.stdout == "", empty.stderr
+    assert empty.stderr.splitlines() == [f"train: error: --list_checkpoints: {tmp_path} holds no checkpoint "
+                                         f"({tmp_path / CHECKPOINTS} has no step-* folder)"]
+
+
+@pytest.mark.parametrize(("global_batch", "micro", "world", "accum"), [(8, 4, 1, 2), (8, 4, 2, 1), (8, 2, 2, 2), (12, 2, 3, 2)])
+def test_the_global_batch_is_kept_by_accumulation(global_batch, micro, world, accum) -> None:
+    saved = {"global_batch": global_batch, "micro_batch": micro, "world_size": 1, "accumulation": global_batch // micro}
+    fitted, note = fit_global_batch({"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1}, saved, world)
+    assert (fitted["train_batch_size"], fitted["gradient_accumulation_steps"]) == (global_batch, accum)
+    assert (note is None) == (world == 1)
+    _, note = fit_global_batch({"train_batch_size": 4 * global_batch}, saved, 1)
+    assert note.endswith(f"train_batch_size {4 * global_batch} does not apply to a resumed run")
+
+
+def test_a_global_batch_that_cannot_be_split_names_what_would_work() -> None:
+    assert split_problem(8, 4, 2) is None
+    assert split_problem(4, 4, 2).endswith("use train_micro_batch_size_per_gpu 2 or 1 in --ds_config or 1 ranks")
+    assert split_problem(8, 3, 2).endswith("use train_micro_batch_size_per_gpu 4, 2 or 1 in --ds_config")
+    with pytest.raises(ConfigError, match="global batch of 6 samples per update cannot be split over 4 ranks"):
+        fit_global_batch({}, {"global_batch": 6, "micro_batch": 3, "world_size": 2, "accumulation": 1}, 4)
 
 
 def test_frozen_base_not_saved(run: dict) -> None:
@@ -140,6 +197,19 @@ def test_resume_matches_uninterrupted_run(run: dict) -> None:
     assert engine.global_steps == 2
     for step in (3, 4):
         assert train_step(engine, step) == pytest.approx(run["losses"][step], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_under_zero2_and_without_zero_matches(stage: int, tmp_path: Path) -> None:
+    """The training state is set by name under ZeRO-2 (fragments of a flat fp32 copy) and with no ZeRO at all."""
+    engine, model, _ = make_engine(stage=stage)
+    for step in (1, 2):
+        train_step(engine, step)
+    path = save_checkpoint(engine, model, tmp_path, 2, {})
+    expected = [train_step(engine, step) for step in (3, 4)]
+    fresh, _, _ = make_engine(stage=stage)
+    assert load_checkpoint(fresh, path)["optimizer_step"] == 2
+    assert [train_step(fresh, step) for step in (3, 4)] == pytest.approx(expected, abs=1e-6, rel=0)
 
 
 def test_load_refuses_mismatch(run: dict) -> None:
@@ -251,3 +321,39 @@ def test_zero3_two_ranks_resume(tmp_path: Path) -> None:
     assert sorted(p.name for p in (root / "step-000002" / "engine" / "step-000002").iterdir()) == [
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
     ]
+
+
+# --- resume on another number of ranks (the training job) ----------------------------------------
+RESUME_STEPS = 4
+RESUME_ARGS = ["--max_steps", str(RESUME_STEPS), "--save_every", "2", "--eval_every", "0", "--image_every", "100",
+               "--n_coeffs", "200"]
+
+
+def _job(config: Path, out: Path, ranks: int, *extra: str) -> object:
+    return run_train(["--ds_config", str(config), *RESUME_ARGS, "--output_dir", str(out), *extra], ranks=ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_matches_an_uninterrupted_run(first, then, batch8_config, tmp_path) -> None:
+    """Stopped at step 2 on `first` ranks, resumed on `then`: the global batch of 8 is kept (accumulation 2 on 1 rank,
+    1 on 2), so steps 3 and 4 see the same samples and the same optimizer state as an uninterrupted run.
+
+    Tolerance 1e-4 on losses of about 4.8: the same sums in another order (the all-reduce over ranks vs the
+    accumulation over micro-batches) differ by fp32 rounding, about 1e-7 relative, which Adam's division by
+    sqrt(v) may amplify in its first steps; one update moves the loss by about 1e-2, so a lost or repeated
+    batch, a reset moment or step count, or a different LR would all show.
+    """
+    reference = tmp_path / "reference"
+    check(_job(batch8_config, reference, 1))
+    out = tmp_path / "run"
+    assert _job(batch8_config, out, first, "--halt_at_step", "2").returncode == 75
+    proc = check(_job(batch8_config, out, then, "--resume"))
+    accum = 2 // then
+    assert (f"resuming step-000002 on {then} rank(s): global batch 8 as in the checkpoint: {then} rank(s) x "
+            f"micro-batch 4 x accumulation {accum} (it was written by {first} rank(s) x 4 x {2 // first})") in proc.stdout
+    records = metrics(out)
+    assert [(r["step"], r["world_size"]) for r in records] == [(1, first), (2, first), (3, then), (4, then)]
+    assert losses(out) == pytest.approx(losses(reference), abs=1e-4, rel=0)
+    state = json.loads((out / CHECKPOINTS / "step-000004" / "trainer_state.json").read_text())
+    assert (state["world_size"], state["accumulation"], state["global_samples"], state["optimizer_step"]) == (then, accum, 32, 4)

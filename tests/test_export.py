@@ -368,6 +368,26 @@ def test_native_export_is_the_adapter_with_a_model_card(runs, tmp_path):
     assert torch.equal(logits(model), logits(adapted_model(runs["ssh"])))
 
 
+def test_a_checkpoint_folder_exports_and_generates_like_its_adapter(runs, tmp_path):
+    """An unfinished run (no adapter/ yet): --adapter names a checkpoint folder, which stands for its adapter/."""
+    import shutil
+
+    from megaspec.export.generate import load_for_inference
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["ssh"], run)
+    step = run / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    os.rename(run / "adapter", step / "adapter")
+    with pytest.raises(ExportError, match=f"pass --adapter {step}, its latest checkpoint"):
+        export(run, tmp_path / "none", "megaspec", log=None)
+    export(run, tmp_path / "native", "megaspec", adapter=step, log=None)
+    saved = (step / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "native" / "adapter_model.safetensors").read_bytes() == saved
+    model, _ = load_for_inference(run, adapter=step)
+    assert torch.equal(logits(model), logits(adapted_model(runs["ssh"])))
+
+
 def test_generate_from_the_embedded_default_run(trained_run, trained_merged):
     from megaspec.export.generate import complete, load_for_inference
 

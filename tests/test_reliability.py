@@ -82,7 +82,11 @@ CASES = [
          process=True),
     Case("resume_other_method", lambda ws: ["--resume", "--method", "lora"], "has method='ssh' but this run has method='lora'",
          existing=True, overwrite=False),
-    Case("resume_other_world_size", lambda ws: ["--resume"], "saved by 2 ranks, this run has 1", existing=True, overwrite=False),
+    Case("resume_global_batch_unsplittable", lambda ws: ["--resume"], "global batch of 6 samples per update cannot be "
+         "split over 1 ranks with micro-batch 4; use train_micro_batch_size_per_gpu 6, 3, 2 or 1 in --ds_config",
+         existing=True, overwrite=False),
+    Case("resume_old_checkpoint_other_world_size", lambda ws: ["--resume"], "saved by 2 ranks, this run has 1, and it predates",
+         existing=True, overwrite=False),
 ]
 
 
@@ -115,14 +119,20 @@ def write_workspace(ws: Path) -> None:
     (ws / "no_bnb" / "bitsandbytes" / "__init__.py").write_text('raise ImportError("no native library for this device")\n')
 
 
-def write_saved_run(out: Path, world_size: int) -> None:
-    """A run folder as the loop leaves it (ssh, default settings), without the heavy engine files."""
+def write_saved_run(out: Path, world_size: int, global_batch: int | None = None) -> None:
+    """A run folder as the loop leaves it (ssh, default settings), without the heavy engine files.
+
+    With `global_batch`, its checkpoint has a rank-independent training state (format 2) of that many
+    samples per update, written by `world_size` ranks with no accumulation.
+    """
     from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import config_hash
     from megaspec.train.config import TrainConfig, resume_keys, run_record
 
     cfg = TrainConfig(adapter=AdapterConfig(method="ssh", n_coeffs=200), output_dir=str(out))
     state = {"config_hash": config_hash(resume_keys(cfg, former=True)), "step": 2, "world_size": world_size, "method": "ssh"}
+    if global_batch is not None:
+        state.update(format=2, global_batch=global_batch, micro_batch=global_batch // world_size, accumulation=1)
     (out / "checkpoints" / "step-000002").mkdir(parents=True)
     (out / "checkpoints" / "step-000002" / "trainer_state.json").write_text(json.dumps(state))
     (out / "checkpoints" / "latest").write_text("step-000002")
@@ -145,7 +155,8 @@ def prepare(case: Case, ws: Path) -> tuple[list[str], Path]:
         # outright, tests/test_no_data_loss.py), so only validation stands between it and rmtree
         (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
         if case.id.startswith("resume_"):
-            write_saved_run(out, world_size=2 if "world_size" in case.id else 1)
+            batch = 6 if "global_batch" in case.id else None
+            write_saved_run(out, world_size=2 if "world_size" in case.id or batch else 1, global_batch=batch)
     args = [*FAST, *case.args(ws), "--output_dir", str(out)]
     if case.existing and case.overwrite:
         args.append("--overwrite")

@@ -133,6 +133,36 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, reference, tmp_path):
 
 @pytest.mark.slow
 @needs_slurm
+def test_started_on_two_nodes_requeued_on_one_finishes(cluster, reference, tmp_path):
+    """Started on both nodes; node2 is drained (preempted) and the job requeued, then shrunk to the one node left:
+    it resumes there, 1 rank accumulating 2 micro-batches of 4 where 2 ranks took 4 each, with the reference's losses."""
+    out = tmp_path / "run"
+    job = submit(cluster, "slurm/train.sbatch", TWO_CPU_NODES, out)
+    wait_for_steps(cluster, job, out)
+    cluster.scontrol("update", "NodeName=node2", "State=DRAIN", "Reason=preempted")  # the running job keeps it
+    try:
+        cluster.scancel(job, "--batch", "--signal=USR1")
+        cluster.wait(job, JOB_TIMEOUT, until={"PENDING"}, restarts=1)  # requeued; 2 nodes can no longer start it
+        cluster.scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1")
+        info = cluster.wait(job, JOB_TIMEOUT, restarts=1)
+    finally:
+        cluster.scontrol("update", "NodeName=node2", "State=RESUME")
+    assert_completed(info, out, job)
+    log = job_log(out, job)
+    assert "(restart 0) on node1 node2, rendezvous" in log and "(restart 1) on node1, rendezvous" in log
+    assert "on 1 rank(s): global batch 8 as in the checkpoint: 1 rank(s) x micro-batch 4 x accumulation 2" in log
+    records = metrics(out)
+    sizes = [r["world_size"] for r in records]
+    stopped = sizes.count(2)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert 3 <= stopped < STEPS and sizes == [2] * stopped + [1] * (STEPS - stopped)
+    # 1e-4 as in assert_matches_reference: accumulating micro-batches instead of all-reducing over ranks changes
+    # only the order of the gradient's fp32 sums
+    assert {r["step"]: r["loss"] for r in records} == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.slow
+@needs_slurm
 def test_deepspeed_launcher_one_node(cluster, reference, tmp_path):
     out = tmp_path / "run"
     job = submit(cluster, "slurm/train_deepspeed.sbatch", ONE_CPU_NODE_TWO_RANKS, out)

@@ -70,10 +70,9 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
     config_file = path / "train_config.json"
     if not config_file.is_file():
         raise ExportError(f"{path} is not a run folder: it has no train_config.json")
-    adapter_dir = Path(adapter) if adapter is not None else path / "adapter"
+    adapter_dir = adapter_folder(path, adapter)
     if not (adapter_dir / WEIGHTS_NAME).is_file():
-        hint = "" if adapter is not None else f" (unfinished run? pass --adapter {path}/checkpoints/step-N/adapter)"
-        raise ExportError(f"no adapter in {adapter_dir}: {WEIGHTS_NAME} is missing{hint}")
+        raise ExportError(f"no adapter in {adapter_dir}: {WEIGHTS_NAME} is missing{_unfinished_hint(path, adapter)}")
     for name in (CONFIG_NAME, LAYERS_NAME):
         if not (adapter_dir / name).is_file():
             raise ExportError(f"adapter folder {adapter_dir} has no {name}")
@@ -98,6 +97,26 @@ def open_run(run_dir: str | Path, adapter: str | Path | None = None) -> Run:
         model=model,
         layers=layers,
     )
+
+
+def adapter_folder(run_dir: Path, adapter: str | Path | None) -> Path:
+    """The adapter folder to use: --adapter (a checkpoint folder means its adapter/), else the run's adapter/."""
+    if adapter is None:
+        return run_dir / "adapter"
+    folder = Path(adapter)
+    if not (folder / WEIGHTS_NAME).is_file() and (folder / "adapter" / WEIGHTS_NAME).is_file():
+        return folder / "adapter"  # checkpoints/step-N: its adapter/ is what save_adapter wrote
+    return folder
+
+
+def _unfinished_hint(run_dir: Path, adapter: str | Path | None) -> str:
+    """For a run without adapter/ (stopped or still training): the --adapter that names its latest checkpoint."""
+    if adapter is not None:
+        return ""
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))
+    if not steps:
+        return " (unfinished run without checkpoints?)"
+    return f" (an unfinished run: pass --adapter {steps[-1]}, its latest checkpoint)"
 
 
 def base_folder(run_dir: Path, train_config: dict[str, Any]) -> str:

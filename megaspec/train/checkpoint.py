@@ -4,7 +4,8 @@ Layout of `output_dir/checkpoints/`:
 
     step-000010/adapter/            megaspec.model.save_adapter (loadable without DeepSpeed)
     step-000010/engine/step-000010/ engine.save_checkpoint: per-rank optimizer partitions, step
-    step-000010/trainer_state.json  step, data position, every rank's RNG states, digests, ...
+    step-000010/training_state.safetensors  fp32 masters and optimizer moments by name (any world size)
+    step-000010/trainer_state.json  step, global batch and samples, LR schedule, every rank's RNG states, digests, ...
     step-000010/manifest.json       size and sha256 of every other file, written last
     latest                          the tag of the last complete save (os.replace)
 
@@ -12,6 +13,10 @@ A save is written to `.tmp-step-000010` and renamed only once complete, so a cra
 a `.tmp-*` directory that is never read. Collective: save_checkpoint, latest_checkpoint and
 load_checkpoint must be called on every rank; rank 0 alone renames, hashes and decides,
 and its decision is broadcast so all ranks resume from the same checkpoint.
+
+Resuming reads training_state.safetensors, not DeepSpeed's per-rank partitions, so a checkpoint
+written by N ranks resumes on M (megaspec.train.training_state); engine/ stays for DeepSpeed's
+own tools (zero_to_fp32.py) and for checkpoints written before training_state existed.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megaspec.distributed import plan_digest
 from megaspec.distributed.comm import broadcast_from_rank0, gather_to_rank0, rank, world_size
 from megaspec.model import CONFIG_NAME, WEIGHTS_NAME, adapters_of, save_adapter
+from megaspec.train import training_state
 from megaspec.train.errors import write_failed
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
+FORMAT = 2  # 2: with training_state.safetensors (resumable on any number of ranks)
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -273,18 +281,27 @@ def save_checkpoint(
     # launcher (deepspeed, torchrun, srun --kill-on-bad-exit) ends them on this rank's exit 2.
     guarded(lambda: engine.save_checkpoint(str(tmp / "engine"), tag=tag, save_latest=True, exclude_frozen_parameters=True))()
     guarded(lambda: save_adapter(model, tmp / "adapter"))()  # collective gather, rank 0 writes
+    tensors, scalars = training_state.capture(engine)  # collective gathers; every rank gets them whole
     rngs = gather_to_rank0(rng_state())
     adapters = adapters_of(model)
+    global_batch = int(engine.train_batch_size())
     state = {
         **trainer_state,
+        **scalars,
+        "format": FORMAT,
         "step": int(step),
         "engine_tag": tag,
         "world_size": world_size(),
+        "global_batch": global_batch,
+        "micro_batch": int(engine.train_micro_batch_size_per_gpu()),
+        "accumulation": int(engine.gradient_accumulation_steps()),
+        "global_samples": int(step) * global_batch,
         "method": next(iter(adapters.values())).config.method if adapters else None,
         "positions_digest": positions_digest(model),
     }
 
     def finish() -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / training_state.TENSORS))
         (tmp / TRAINER_STATE).write_text(json.dumps({**state, "rng": rngs}, indent=1))
         _publish(tmp, final, step, keep)
 
@@ -382,13 +399,19 @@ def resume_checkpoint(output_dir: str | Path) -> Path:
     return Path(_on_rank0(decide))
 
 
-def load_checkpoint(engine: Any, path: str | Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Restore the engine (adapter values, optimizer, scheduler, step) and RNG states; return the trainer state.
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The trainer_state.json of the checkpoint at `path` (rank 0 reads, every rank gets it)."""
+    return _on_rank0(lambda: json.loads((Path(path) / TRAINER_STATE).read_text()))
 
-    Collective. Checks the manifest, that the world size and the adapters' positions match the
-    save, and that every key of `expected` (e.g. config_hash, base_model) has the saved value.
-    Under ZeRO-3 the engine must be freshly initialised (DeepSpeed cannot load into an engine
-    that has already saved, see DeepSpeedEngine.load_checkpoint).
+
+def load_checkpoint(engine: Any, path: str | Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the adapter values, optimizer state and step, LR schedule and RNG states; return the trainer state.
+
+    Collective. Checks the manifest, the adapters' positions, that every key of `expected` (e.g.
+    config_hash, base_model) has the saved value, and that the engine has the checkpoint's global
+    batch (loop.setup fits it, megaspec.train.global_batch). The state is set by parameter name from
+    training_state.safetensors, so any number of ranks may resume it; a checkpoint written before
+    that file existed goes through DeepSpeed's loader, on as many ranks as wrote it.
     """
     path = Path(path)
 
@@ -399,21 +422,71 @@ def load_checkpoint(engine: Any, path: str | Path, expected: dict[str, Any] | No
         return json.loads((path / TRAINER_STATE).read_text())
 
     state = _on_rank0(check)
-    if state["world_size"] != world_size():
-        raise ValueError(
-            f"{path} was saved by {state['world_size']} ranks, this run has {world_size()}: ZeRO optimizer "
-            f"partitions are per rank; start a new run from {path / 'adapter'} with load_adapter instead"
-        )
     digest = positions_digest(engine.module)
     if state["positions_digest"] != digest:
         raise ValueError(f"the model's adapter positions (digest {digest[:12]}) differ from the checkpoint's at {path}")
     for key, value in (expected or {}).items():
         if state.get(key) != value:
             raise ValueError(f"{path} has {key}={state.get(key)!r}, this run has {value!r}")
+    if state.get("format", 1) >= 2:
+        if state["global_batch"] != engine.train_batch_size():
+            raise ValueError(f"{path} trained with a global batch of {state['global_batch']} samples per update, "
+                             f"this engine's is {engine.train_batch_size()}")
+        tensors = _on_rank0(lambda: load_file(str(path / training_state.TENSORS)))
+        training_state.restore(engine, tensors, state)
+        engine.global_steps, engine.global_samples = int(state["step"]), int(state["global_samples"])
+    else:
+        _load_engine(engine, path, state)
+    rngs = state.pop("rng")
+    if rank() < len(rngs):
+        set_rng_state(rngs[rank()])
+    else:  # a rank the writer did not have: a state of its own, the same on every resume
+        torch.manual_seed(int(hashlib.sha256(f"{state['step']}-{rank()}".encode()).hexdigest()[:15], 16))
+    return state
+
+
+def _load_engine(engine: Any, path: Path, state: dict[str, Any]) -> None:
+    """DeepSpeed's own loader, for checkpoints without training_state.safetensors (per-rank partitions: same world size)."""
+    if state["world_size"] != world_size():
+        raise ValueError(
+            f"{path} was saved by {state['world_size']} ranks, this run has {world_size()}, and it predates "
+            f"rank-independent checkpoints: resume it with the same number of ranks"
+        )
     # load_module_strict=False: the frozen base was excluded from the save; the adapter values
     # come back from the ZeRO optimizer's fp32 partitions, which are complete.
     loaded, _ = engine.load_checkpoint(str(path / "engine"), tag=state["engine_tag"], load_module_strict=False)
     if loaded is None:
         raise RuntimeError(f"DeepSpeed found no engine state under {path / 'engine'} (tag {state['engine_tag']})")
-    set_rng_state(state.pop("rng")[rank()])
-    return state
+
+
+# --- list --------------------------------------------------------------------------------------
+def _describe(path: Path, latest: str | None) -> str:
+    """One line about the checkpoint at `path`: step, loss, world size, global batch, and whether it verifies."""
+    problem = _manifest_problem(path)
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    loss = state.get("loss")
+    loss_text = f"{loss:.4f}" if isinstance(loss, int | float) else "-"
+    parts = [path.name, f"step {state.get('step', '-')}", f"loss {loss_text}", f"world size {state.get('world_size', '-')}",
+             f"global batch {state.get('global_batch', '-')}"]
+    if state and state.get("format", 1) < 2:
+        parts.append(f"resumable on {state.get('world_size')} ranks only (no {training_state.TENSORS})")
+    parts.append("verified" if problem is None else f"UNUSABLE: {problem}")
+    if path.name == latest:
+        parts.append("latest")
+    return "  ".join(parts)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[str]:
+    """One line per checkpoint of the run at `run_dir`, oldest first; ValueError (one line) when there is none."""
+    out = Path(run_dir)
+    root = out / CHECKPOINTS
+    if not out.is_dir():
+        raise ValueError(f"--list_checkpoints: {out} does not exist")
+    steps = _step_dirs(root)
+    if not steps:
+        raise ValueError(f"--list_checkpoints: {out} holds no checkpoint ({root} has no step-* folder)")
+    latest = read_latest(root)
+    return [_describe(path, latest) for _, path in reversed(steps)]

@@ -46,6 +46,7 @@ from megaspec.train.checkpoint import (
     load_checkpoint,
     positions_digest,
     read_latest,
+    read_trainer_state,
     resume_checkpoint,
     save_checkpoint,
 )
@@ -55,6 +56,7 @@ from megaspec.train.data_cache import node_datasets, run_data_config
 from megaspec.train.dsconfig import ConfigError, read_ds_config, resolve_ds_config, zero_stage
 from megaspec.train.embedded import embedded_base
 from megaspec.train.errors import write_failed
+from megaspec.train.global_batch import fit_global_batch
 from megaspec.train.guard import NonFiniteGuard, StopSignal, TrainingDiverged, coefficients_finite
 from megaspec.train.heartbeat import Heartbeat
 from megaspec.train.monitor import RunLogger, gathered_adapter_tensors, progress_bar
@@ -141,9 +143,8 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
 
     The estimate takes s2ft_estimate_steps optimizer steps' worth of micro-batches (accum per rank
     per step, so 1 and N ranks see the same global batches) from a stream of their own. A resumed
-    run never calibrates again: its plan is read from the checkpoint's adapter/ folder, because
-    load_checkpoint checks the plan digest before the engine state (which also holds the module's
-    buffers) is loaded.
+    run never calibrates again, whatever its number of ranks: its plan is read from the checkpoint's
+    adapter/ folder, because load_checkpoint checks the plan digest before it sets the training state.
     """
     if ckpt is not None:
         load_plans(engine.module, ckpt / "adapter")
@@ -216,7 +217,8 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
             stopping = stop.agreed() or step == cfg.halt_at_step
             if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
                 beat.phase(f"checkpoint of step {step}")
-                extra = {**run.expected, "data_step": step * run.accum, "skipped_steps": run.guard.skipped}
+                extra = {**run.expected, "data_step": step * run.accum, "skipped_steps": run.guard.skipped,
+                         "loss": metrics["loss"], "data_seed": cfg.seed}
                 save_checkpoint(run.engine, run.model, run.out, step, extra, keep=cfg.keep_checkpoints)
             if stopping:
                 bar.close()
@@ -247,6 +249,11 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
     ds_config = resolve_ds_config(raw_ds, lr=cfg.learning_rate(), max_steps=cfg.max_steps, warmup_steps=warmup,
                                   hidden_size=_hidden_size(model_path))
+    saved = read_trainer_state(ckpt) if ckpt is not None else None
+    if saved is not None and saved.get("format", 1) >= 2:  # any number of ranks: the checkpoint's global batch
+        ds_config, note = fit_global_batch(ds_config, saved, world_size())
+        if note:
+            _say(f"resuming {ckpt.name} on {world_size()} rank(s): {note}")
     model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
     _say(configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation))

@@ -51,6 +51,7 @@ from megaspec.train.data import (
 )
 from megaspec.train.data_cache import check_cache_dir
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
+from megaspec.train.global_batch import fit_global_batch
 from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
 
@@ -191,6 +192,9 @@ def check_ds_config(raw: dict[str, Any], cfg: TrainConfig, hidden_size: int) -> 
     warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
     resolved = resolve_ds_config(raw, lr=lr, max_steps=cfg.max_steps, warmup_steps=warmup, hidden_size=hidden_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    saved = _latest_trainer_state(Path(cfg.output_dir)) if cfg.resume and cfg.output_dir else None
+    if saved is not None and saved.get("format", 1) >= 2:  # the run keeps the checkpoint's global batch (loop.setup)
+        resolved, _ = fit_global_batch(resolved, saved, world)
     try:
         _offline_ds_config(resolved, world)
     except ValidationError as e:
@@ -276,9 +280,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: the checkpoint in {out} was made with other settings (config hash differs); "
                           "pass the run's settings (see its train_config.json), or a new --output_dir")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if state is not None and state.get("world_size") not in (None, world):
-        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}; "
-                          "resume with the same number of ranks")
+    # a checkpoint with a rank-independent training state (format 2) resumes on any number of ranks
+    if state is not None and state.get("format", 1) < 2 and state.get("world_size") not in (None, world):
+        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}, "
+                          "and it predates rank-independent checkpoints: resume it with the same number of ranks")
 
 
 # --- model, tokenizer, adapters ----------------------------------------------------------------
