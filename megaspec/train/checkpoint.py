@@ -472,7 +472,8 @@ def _describe(path: Path, latest: str | None) -> str:
     parts = [path.name, f"step {state.get('step', '-')}", f"loss {loss_text}", f"world size {state.get('world_size', '-')}",
              f"global batch {state.get('global_batch', '-')}"]
     if state and state.get("format", 1) < 2:
-        parts.append(f"resumable on {state.get('world_size')} ranks only (no {training_state.TENSORS})")
+        world = state.get("world_size")
+        parts.append(f"resumable on {world} rank{'' if world == 1 else 's'} only (no {training_state.TENSORS})")
     parts.append("verified" if problem is None else f"UNUSABLE: {problem}")
     if path.name == latest:
         parts.append("latest")
