@@ -132,7 +132,7 @@ def _rank_main(spec_path: str) -> None:
     model = _load(spec["folder"], spec["precision"], spec["mode"], spec["hidden"])
     seconds = time.perf_counter() - start
     peak = peak_bytes() - before
-    result = {"lora_rank": rank, "load_s": seconds, "peak": peak, "held": held_bytes(model), "rss_after": rss_bytes() - before}
+    result = {"rank": rank, "load_s": seconds, "peak": peak, "held": held_bytes(model), "rss_after": rss_bytes() - before}
     Path(spec["out"]).joinpath(f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()

@@ -240,7 +240,7 @@ def _rank_main(spec_path: str) -> None:
     start = time.perf_counter()
     info = plan_adapters(adapters)
     seconds = time.perf_counter() - start
-    result = {"lora_rank": rank, "world_size": torch.distributed.get_world_size(), "plan_s": seconds,
+    result = {"rank": rank, "world_size": torch.distributed.get_world_size(), "plan_s": seconds,
               "peak_extra": peak_bytes() - rss, "digest": info["digest"], "peak_gathered_numel": info["peak_gathered_numel"],
               "planned_here": sum(1 for owner in info["planned_by"].values() if owner == rank)}
     Path(spec["out"]).joinpath(f"rank{rank}.json").write_text(json.dumps(result))
