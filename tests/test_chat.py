@@ -212,10 +212,11 @@ def test_show_data_prints_the_first_examples_and_starts_nothing(tmp_path, capsys
     path = write_jsonl(tmp_path / "chat.jsonl", records)
     (tmp_path / "chatml.jinja").write_text(CHATML)
     out = tmp_path / "runs" / "out"
+    joined_before = torch_dist.is_initialized()  # another in-process test's group is not this test's concern
     code = script("train").main(["--dataset", str(path), "--chat_template", str(tmp_path / "chatml.jinja"),
                                  "--show_data", "3", "--output_dir", str(out)])
     printed = capsys.readouterr().out
-    assert code == 0 and not out.exists() and not torch_dist.is_initialized()
+    assert code == 0 and not out.exists() and torch_dist.is_initialized() == joined_before
     shown = [line for line in printed.splitlines() if line.startswith("--- example")]
     assert len(shown) == 3
     # one bracketed span per example: the answer with its end of turn, nothing of the prompt

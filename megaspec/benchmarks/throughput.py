@@ -212,45 +212,57 @@ def run(
     head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
     q_dim = full.num_attention_heads * head_dim
     tokens = batch * seq_len
-    rows = []
-    for setting in settings or DEFAULT_SETTINGS:
-        measured = {}
-        for k in sorted({1, depth} if depth < full.num_hidden_layers else {depth}):
-            config = llama_config(model, **{**overrides, "num_hidden_layers": k})
-            if ds_config is None:
-                net = build(config, setting, dev, dtype)
-            else:
-                net = build_zero3(config, setting, dtype, zero3_config(ds_config, batch, dtype, config.hidden_size))
-            n_full = matmul_params(net) if k == depth else None
-            trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in net.parameters() if p.requires_grad)
-            step, mem = time_steps(net, random_batch(config, batch, seq_len, dev), steps, warmup)
-            measured[k] = (step, mem, n_full, trainable)
-            if hasattr(net, "destroy"):  # a DeepSpeed engine: drop its hooks and buffers before the next row
-                net.destroy()
-            del net
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        step, mem, n_matmul, trainable = measured[depth]
-        per_layer = (step - measured[1][0]) / (depth - 1) if depth > 1 and 1 in measured else step / depth
-        if depth < full.num_hidden_layers:
-            full_step = measured[1][0] + (full.num_hidden_layers - 1) * per_layer
-            n_layer = (n_matmul - _head_params(full)) / depth
-            n_full = _head_params(full) + n_layer * full.num_hidden_layers
+    joined_before = torch.distributed.is_initialized()
+    try:
+        return [_row(setting, model, overrides, depth, full, dev, dtype, ds_config, batch, seq_len, steps, warmup, peak,
+                     q_dim, tokens) for setting in settings or DEFAULT_SETTINGS]
+    finally:  # an engine row joined a process group: leave it as it was found (the caller's, or none)
+        if ds_config is not None and not joined_before:
+            from megaspec.distributed.group import leave_process_group
+
+            leave_process_group(wait=False)
+
+
+def _row(setting: Setting, model: str, overrides: dict[str, Any], depth: int, full: Any, dev: torch.device,
+         dtype: torch.dtype, ds_config: dict[str, Any] | None, batch: int, seq_len: int, steps: int, warmup: int,
+         peak: float | None, q_dim: int, tokens: int) -> dict[str, Any]:
+    """One setting's row: timed at 1 and `depth` layers, extrapolated to the full depth."""
+    measured = {}
+    for k in sorted({1, depth} if depth < full.num_hidden_layers else {depth}):
+        config = llama_config(model, **{**overrides, "num_hidden_layers": k})
+        if ds_config is None:
+            net = build(config, setting, dev, dtype)
         else:
-            full_step, n_full = step, n_matmul
-        attention = 12 * full.num_hidden_layers * seq_len * q_dim
-        row = {
-            "setting": setting.label, "engine": "plain" if ds_config is None else "zero3", "layers": depth,
-            "trainable": trainable, "tokens": tokens, "step_s": step, "tokens_per_s": tokens / step,
-            "per_layer_ms": 1e3 * per_layer, "peak_mem": mem, "full_depth": full.num_hidden_layers,
-            "full_step_s": full_step, "full_tokens_per_s": tokens / full_step, "matmul_params_full": n_full,
-            "flops_per_token_6N": 6 * n_full + attention, "flops_per_token_4N": 4 * n_full + attention,
-        }
-        for key in ("6N", "4N"):
-            row[f"mfu_{key}"] = row[f"flops_per_token_{key}"] * row["full_tokens_per_s"] / peak if peak else float("nan")
-        rows.append(row)
-    return rows
+            net = build_zero3(config, setting, dtype, zero3_config(ds_config, batch, dtype, config.hidden_size))
+        n_full = matmul_params(net) if k == depth else None
+        trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in net.parameters() if p.requires_grad)
+        step, mem = time_steps(net, random_batch(config, batch, seq_len, dev), steps, warmup)
+        measured[k] = (step, mem, n_full, trainable)
+        if hasattr(net, "destroy"):  # a DeepSpeed engine: drop its hooks and buffers before the next row
+            net.destroy()
+        del net
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    step, mem, n_matmul, trainable = measured[depth]
+    per_layer = (step - measured[1][0]) / (depth - 1) if depth > 1 and 1 in measured else step / depth
+    if depth < full.num_hidden_layers:
+        full_step = measured[1][0] + (full.num_hidden_layers - 1) * per_layer
+        n_layer = (n_matmul - _head_params(full)) / depth
+        n_full = _head_params(full) + n_layer * full.num_hidden_layers
+    else:
+        full_step, n_full = step, n_matmul
+    attention = 12 * full.num_hidden_layers * seq_len * q_dim
+    row = {
+        "setting": setting.label, "engine": "plain" if ds_config is None else "zero3", "layers": depth,
+        "trainable": trainable, "tokens": tokens, "step_s": step, "tokens_per_s": tokens / step,
+        "per_layer_ms": 1e3 * per_layer, "peak_mem": mem, "full_depth": full.num_hidden_layers,
+        "full_step_s": full_step, "full_tokens_per_s": tokens / full_step, "matmul_params_full": n_full,
+        "flops_per_token_6N": 6 * n_full + attention, "flops_per_token_4N": 4 * n_full + attention,
+    }
+    for key in ("6N", "4N"):
+        row[f"mfu_{key}"] = row[f"flops_per_token_{key}"] * row["full_tokens_per_s"] / peak if peak else float("nan")
+    return row
 
 
 def _head_params(config: Any) -> int:
