@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for warning in validate(cfg):  # before any distributed work: bad input costs seconds, writes nothing
             say(f"train: warning: {warning}")
         if cfg.show_data:
-            print_data(cfg)
+            if os.environ.get("RANK", "0") == "0":  # under a launcher every rank would print the same examples
+                print_data(cfg)
             return 0
         result = train(cfg)
     except WriteFailed as e:  # on the rank whose write failed; its exit makes the launcher end the others
