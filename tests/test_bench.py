@@ -260,7 +260,6 @@ def test_throughput_in_the_trainers_zero3_engine_on_cpu():
                   **{**TINY, "num_hidden_layers": 3})
     plain = throughput.run(**kwargs)
     zero3 = throughput.run(**kwargs, ds_config=read_ds_config(REPO / "ds_configs" / "zero3.json"))
-    assert not torch.distributed.is_initialized()  # the engine rows' process group is left as it was found
     assert [r["engine"] for r in zero3] == ["zero3"] * 3 and [r["engine"] for r in plain] == ["plain"] * 3
     # q, v of 2 layers: SSH 750 each (global budget); LoRA r=16 on q 128x128 and v 64x128
     assert [r["trainable"] for r in plain] == [0, 750 * 4, 2 * 16 * (256 + 192)]

@@ -212,15 +212,10 @@ def run(
     head_dim = getattr(full, "head_dim", None) or full.hidden_size // full.num_attention_heads
     q_dim = full.num_attention_heads * head_dim
     tokens = batch * seq_len
-    joined_before = torch.distributed.is_initialized()
-    try:
-        return [_row(setting, model, overrides, depth, full, dev, dtype, ds_config, batch, seq_len, steps, warmup, peak,
-                     q_dim, tokens) for setting in settings or DEFAULT_SETTINGS]
-    finally:  # an engine row joined a process group: leave it as it was found (the caller's, or none)
-        if ds_config is not None and not joined_before:
-            from megaspec.distributed.group import leave_process_group
-
-            leave_process_group(wait=False)
+    # An engine row joins a one-rank process group and stays in it, as deepspeed.comm does: destroying
+    # the torch group would leave deepspeed.comm holding a dead one for the rest of the process.
+    return [_row(setting, model, overrides, depth, full, dev, dtype, ds_config, batch, seq_len, steps, warmup, peak,
+                 q_dim, tokens) for setting in settings or DEFAULT_SETTINGS]
 
 
 def _row(setting: Setting, model: str, overrides: dict[str, Any], depth: int, full: Any, dev: torch.device,
