@@ -87,6 +87,7 @@ def test_real_model_trains_on_two_zero3_ranks_exports_and_generates(gguf_file, h
     from megaspec.export import export
     from megaspec.export.generate import complete, load_for_inference
     from megaspec.model import load_adapter
+    from megaspec.train.chat import resolve_template
     from megaspec.train.data import load_tokenizer
 
     data = tmp_path / "capitals.jsonl"
@@ -118,7 +119,10 @@ def test_real_model_trains_on_two_zero3_ranks_exports_and_generates(gguf_file, h
                            PROMPT.replace("\n", "\\n"), "--max_new_tokens", "6", "--greedy"],
                           cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     check(proc)
-    merged = complete(*load_for_inference(run, merged=tmp_path / "merged"), PROMPT, 6, greedy=True)
+    model, tokenizer = load_for_inference(run, merged=tmp_path / "merged")
+    template = resolve_template(tokenizer, "auto")  # the run trained its records through SmolLM2's template
+    assert template and "<|im_start|>" in template
+    merged = complete(model, tokenizer, PROMPT, 6, greedy=True, template=template)
     assert proc.stdout.rstrip("\n") == merged and merged.strip()
     assert load_tokenizer(str(tmp_path / "merged")).chat_template  # the merged folder keeps the chat template
 
