@@ -508,3 +508,18 @@ def test_repeated_nan_stops_with_the_step_and_keeps_last_good_checkpoint(nan_run
     assert max(losses(out)) == 9
     assert latest_checkpoint(out).name == "step-000005"
     assert not (out / "adapter").exists() and not (out / "final_metrics.json").exists()
+
+
+def test_a_first_ctrl_c_asks_for_a_checkpointed_stop_and_a_second_interrupts():
+    from megaspec.train.guard import StopSignal
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.received == signal.SIGINT and stop.reason() == "signal SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, before if sig == signal.SIGINT else signal.SIG_DFL)

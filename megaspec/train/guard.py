@@ -78,15 +78,20 @@ def coefficients_finite(trainable: list[torch.nn.Parameter]) -> bool:
 
 
 class StopSignal:
-    """SIGTERM/SIGUSR1 (SLURM preemption) set a flag; the loop checkpoints and exits at the step's end."""
+    """SIGTERM/SIGUSR1 (SLURM preemption) and a first Ctrl-C set a flag; the loop checkpoints and exits at the step's end.
+
+    A second Ctrl-C interrupts at once, as Python does by default.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def reason(self) -> str:
         """Why the run stops, for the log line."""
