@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megaspec.distributed.group import leave_process_group
     from megaspec.train.errors import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STOPPED, WriteFailed
-    from megaspec.train.guard import TrainingDiverged
+    from megaspec.train.guard import StopSignal, TrainingDiverged
     from megaspec.train.loop import train
     from megaspec.train.validate import validate
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if not joined_before:
             leave_process_group(wait=True)  # every rank sees the same all-reduced losses and stops together
         return EXIT_DIVERGED
+    if result.get("stopped"):
+        StopSignal.ignore_from_now()  # the checkpoint is written: a launcher's SIGTERM must not make this 143
     if not joined_before:
         leave_process_group(wait=True)
     return EXIT_STOPPED if result.get("stopped") else 0

@@ -116,11 +116,31 @@ RUN = ["--max_steps", "6", "--save_every", "2", "--eval_every", "0", "--log_ever
        "--n_coeffs", "200"]
 
 
+# Sends the process a SIGTERM while Python tears its modules down, as srun --kill-on-bad-exit does to a rank
+# still exiting when another one has exited 75 (CI, stop 23: the job read 143, not 75).
+SIGTERM_IN_TEARDOWN = """
+import os, signal
+
+class _TermAtTeardown:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+_term_at_teardown = _TermAtTeardown()
+"""
+
+
 @pytest.fixture(scope="module")
 def halted_run(tmp_path_factory) -> Path:
-    """A 1-rank run stopped by --halt_at_step 4 (checkpoints at steps 2 and 4), as a signal would stop it."""
+    """A 1-rank run stopped by --halt_at_step 4 (checkpoints at steps 2 and 4), as a signal would stop it.
+
+    It also gets a SIGTERM while Python finalizes, which must not change its exit status.
+    """
     out = tmp_path_factory.mktemp("halted") / "run"
-    proc = run_train([*RUN, "--halt_at_step", "4", "--output_dir", str(out)], env=job_env())
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "sitecustomize.py").write_text(SIGTERM_IN_TEARDOWN)
+    env = job_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hooks), env["PYTHONPATH"]])
+    proc = run_train([*RUN, "--halt_at_step", "4", "--output_dir", str(out)], env=env)
     assert proc.returncode == 75, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "stopping at step 4" in proc.stdout
     return out

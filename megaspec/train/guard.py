@@ -97,6 +97,17 @@ class StopSignal:
         """Why the run stops, for the log line."""
         return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
 
+    @staticmethod
+    def ignore_from_now() -> None:
+        """Ignore SIGTERM/SIGUSR1 once a stopped run's checkpoint is written and only teardown is left.
+
+        srun --kill-on-bad-exit and the deepspeed launcher SIGTERM the other ranks as soon as one exits 75;
+        Python puts back SIG_DFL while it finalizes (but keeps SIG_IGN), so a rank still tearing down would
+        die with 143 and the job would not read as stopped.
+        """
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
     def agreed(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
         return sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
