@@ -256,9 +256,13 @@ def quality(args: argparse.Namespace) -> tuple[Any, str]:
 def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
     from megaspec.benchmarks import real_quality as bench
 
-    rows = bench.run(args.model, args.dataset, args.test, args.methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
-                     args.eval_limit, args.budgets, args.targets, args.ds_config, args.eval_batches,
-                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        rows = bench.run(args.model, args.dataset, args.test, args.methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
+                         args.eval_limit, args.budgets, args.targets, args.ds_config, args.eval_batches,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+    except bench.BenchError as err:  # a run failed: its log stays in the work folder the message names
+        print(f"bench: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     return rows, bench.format_table(rows)
 
 
@@ -275,6 +279,10 @@ def real_inputs(args: argparse.Namespace) -> None:
     problem = bench.check_files(args.dataset, getattr(args, "test", None))
     if problem:
         raise ConfigError(problem)
+    if getattr(args, "ds_config", None) is not None:  # quality --real trains through the trainer with it
+        from megaspec.train.dsconfig import check_ds_numbers, read_ds_config
+
+        check_ds_numbers(read_ds_config(args.ds_config), args.ds_config)
     if args.model is None:
         from megaspec.assets import AssetError
 

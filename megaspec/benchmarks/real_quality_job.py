@@ -41,6 +41,7 @@ def train_config(argv: list[str]) -> Any:
 def peft_trainables(kind: str, fields: dict[str, Any], targets: list[str], models: list[torch.nn.Module]) -> Any:
     """loop.Trainables for peft's LoRA or FourierFT: injected into the base in place (seeded), written with save_pretrained."""
     import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from megaspec.train.loop import Trainables
 
@@ -54,7 +55,13 @@ def peft_trainables(kind: str, fields: dict[str, Any], targets: list[str], model
             config = peft.FourierFTConfig(target_modules=targets, **fields)
         wrapped.append(peft.get_peft_model(model, config))  # replaces the target linears of `model` itself
         models.append(model)
-        return summarize(model, kind)
+        summary = summarize(model, kind)
+        summary.layers = [
+            {"name": name, "shape": [module.out_features, module.in_features],
+             "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+            for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+        ]
+        return summary
 
     def save(model: torch.nn.Module, folder: Path) -> None:
         import deepspeed
