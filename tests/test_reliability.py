@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -460,8 +461,11 @@ def test_hung_rank_times_out_instead_of_hanging(tmp_path) -> None:
     print(f"job exited with {proc.returncode} {seconds:.1f}s after rank 1 was suspended")
     assert proc.returncode != 0
     assert seconds < 90, f"the job took {seconds:.0f}s to end after a rank hung"
-    # the rank still alive says where it waits, while it waits (issue 15)
-    assert "train: heartbeat: rank 0 still in step" in (tmp_path / "logs" / "stderr").read_text()
+    # the rank still alive says where it waits, while it waits (issue 15): in the step's collectives,
+    # or in the logging's gather of the adapters (log_every 1), depending on where rank 1 stopped
+    beats = re.findall(r"train: heartbeat: rank 0 still in (step \d+|logging step \d+)\b.* after (\d+) s",
+                       (tmp_path / "logs" / "stderr").read_text())
+    assert beats and int(beats[0][1]) >= 4, "rank 0 printed no heartbeat while it waited for the hung rank"
     assert leftovers == [], "the ranks unlink their /dev/shm buffers once the process group has formed"
 
 
