@@ -289,3 +289,40 @@ def test_auto_tokenizer_folder_without_pad_falls_back_to_eos(tmp_path, tok):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token is None
     assert load_tokenizer(str(tmp_path)).pad_token_id == EOS_ID
+
+
+def test_eval_dataset_holds_the_eval_records_and_every_dataset_record_trains(tmp_path, tok):
+    records = embedded_instructions(12, seed=1)
+    train_path = _write_jsonl(tmp_path / "train.jsonl", records[:8])
+    held_path = _write_jsonl(tmp_path / "held.jsonl", records[8:])
+    cfg = DataConfig(dataset=str(train_path), eval_dataset=str(held_path), seq_len=32, packing="none", seed=3)
+    train, evals = build_datasets(cfg, tok)
+    assert len(train) == 8  # eval_fraction (0.05 by default) holds nothing out of --dataset
+    assert len(evals) == 4
+    held = [[BOS_ID, *_ids(tok, r["prompt"]), *_ids(tok, r["response"]), EOS_ID] for r in records[8:]]
+    rows = [row[row != PAD_ID].tolist() for row in evals.input_ids]
+    assert rows == held  # the eval file's records in file order
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3)).tolist()  # all 8, in the seed's order
+    expected = [[BOS_ID, *_ids(tok, records[i]["prompt"]), *_ids(tok, records[i]["response"]), EOS_ID] for i in order]
+    assert [row[row != PAD_ID].tolist() for row in train.input_ids] == expected
+
+
+def test_eval_dataset_in_another_format_is_one_line(tmp_path, tok):
+    train_path = _write_jsonl(tmp_path / "train.jsonl", embedded_instructions(4, seed=1))
+    held_path = _write_jsonl(tmp_path / "held.jsonl", [{"text": "plain words"}])
+    with pytest.raises(DataError, match=r"eval dataset '.*held.jsonl' holds text records but dataset '.*train.jsonl' "
+                                        r"holds instruction records"):
+        build_datasets(DataConfig(dataset=str(train_path), eval_dataset=str(held_path), seq_len=32), tok)
+
+
+def test_split_seed_fixes_the_eval_records_across_seeds(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "inst.jsonl", embedded_instructions(40, seed=1))
+
+    def eval_rows(seed: int, split_seed: int | None) -> list[list[int]]:
+        cfg = DataConfig(dataset=str(path), seq_len=32, packing="none", eval_fraction=0.25, seed=seed, split_seed=split_seed)
+        _, evals = build_datasets(cfg, tok)
+        return sorted(evals.input_ids.tolist())
+
+    assert eval_rows(1, None) != eval_rows(2, None)  # by default --seed draws the split (as before)
+    assert eval_rows(1, 7) == eval_rows(2, 7)
+    assert eval_rows(1, 1) == eval_rows(1, None)  # split_seed None is --seed

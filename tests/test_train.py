@@ -153,3 +153,37 @@ def test_bad_ds_config_exits_2_and_writes_nothing(tmp_path):
     assert "missing.json does not exist" in proc.stderr
     assert not out.exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_eval_dataset_is_the_evaluated_data(tmp_path):
+    """--eval_dataset: the run's eval loss is the adapted model's token-mean loss on that file's responses."""
+    from transformers import AutoModelForCausalLM
+
+    from megaspec.model import load_adapter
+    from megaspec.train.embedded import embedded_base, embedded_instructions, embedded_tokenizer
+
+    held = embedded_instructions(10, seed=99)
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in held))
+    out = tmp_path / "run"
+    check(run_train(["--ds_config", str(REPO / "ds_configs" / "zero3.json"), "--max_steps", "3", "--eval_every", "3",
+                     "--eval_batches", "100", "--n_coeffs", "200", "--packing", "none", "--chat_template", "none",
+                     "--eval_dataset", str(tmp_path / "held.jsonl"), "--output_dir", str(out)], ranks=1))
+    reported = metrics(out)[-1]["eval_loss"]
+    assert json.loads((out / "train_config.json").read_text())["eval_dataset"] == str(tmp_path / "held.jsonl")
+
+    tok = embedded_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(str(embedded_base()), dtype=torch.float32).eval()
+    load_adapter(model, out / "adapter")
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for record in held:  # one record, one block: BOS prompt response EOS, loss on response and EOS only
+            prompt = tok(record["prompt"], add_special_tokens=False)["input_ids"]
+            response = tok(record["response"], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[tok.bos_token_id, *prompt, *response, tok.eos_token_id]])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = ids[0, 1:]
+            trained = torch.arange(len(targets)) >= len(prompt)  # target i is token i+1: the prompt's tokens are not trained
+            losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            loss_sum += float(losses[trained].sum())
+            tokens += int(trained.sum())
+    assert abs(reported - loss_sum / tokens) < 1e-4, (reported, loss_sum / tokens)

@@ -23,6 +23,13 @@ class TrainConfig:
                                    "(default: the model's own, or the embedded tokenizer)")
     dataset: str | None = option(None, "local json/jsonl/parquet/txt, a saved datasets folder, or hub id "
                                  "(default: the embedded instruction task)", resume=True)
+    eval_dataset: str | None = option(None, "held-out records for evaluation, in --dataset's format (a file, saved datasets "
+                                      "folder or hub id); every record of --dataset then trains (default: hold out "
+                                      "--eval_fraction of --dataset)", resume="when_set")
+    eval_fraction: float = option(0.05, "fraction of --dataset's records held out for evaluation when there is no "
+                                  "--eval_dataset (at least one record; 0: no evaluation)", resume="when_set")
+    split_seed: int | None = option(None, "seeds which records --eval_fraction holds out (default: --seed); fix it to "
+                                    "compare runs of different seeds on the same eval records", resume="when_set")
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     s2ft_estimate_group_mb: int = option(1024, "S2FT: MiB of fp32 estimate buffers per rank at once; layers beyond it "
                                          "take further passes (megaspec.calibrate)")

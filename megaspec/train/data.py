@@ -3,7 +3,7 @@
 import csv
 import json
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -51,6 +51,8 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     eval_fraction: float = 0.05  # of records; at least one record (hence one block) when > 0
+    eval_dataset: str | None = None  # held-out records of their own: then every record of `dataset` trains
+    split_seed: int | None = None  # seeds which records eval_fraction holds out (None: `seed`)
     packing: str = "naive"  # PACKING; the trainer's --packing defaults to isolated
     seed: int = 0
     format: str = "auto"  # "auto" | "text" | "instruction" | "chat"
@@ -464,7 +466,11 @@ def _conversations(ds: datasets.Dataset, field: str, name: str) -> list[list[dic
 def build_examples(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[Example], list[Example], str]:
-    """(train, eval) examples (one per record, formatted and masked, before packing) and the dataset's name."""
+    """(train, eval) examples (one per record, formatted and masked, before packing) and the dataset's name.
+
+    The eval examples are cfg.eval_dataset's records when it is given (then every record of
+    cfg.dataset trains), else cfg.eval_fraction of cfg.dataset's records, drawn with cfg.split_seed.
+    """
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise DataError("tokenizer has no eos/pad token; load it with megaspec.train.data.load_tokenizer")
     if cfg.packing not in PACKING:
@@ -473,6 +479,24 @@ def build_examples(
         ds, name = _embedded_records(cfg), "embedded default"
     else:
         ds, name = load_records(cfg.dataset), cfg.dataset
+    n, examples_of, fmt = _formatted(ds, name, cfg, tokenizer)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    if cfg.eval_dataset is None:
+        train_idx, eval_idx = split_indices(n, cfg.eval_fraction, split_seed)
+        return examples_of(train_idx), examples_of(eval_idx), name
+    held = load_records(cfg.eval_dataset)
+    n_held, held_examples_of, held_fmt = _formatted(held, cfg.eval_dataset, cfg, tokenizer)
+    if held_fmt != fmt:
+        raise DataError(f"eval dataset {cfg.eval_dataset!r} holds {held_fmt} records but dataset {name!r} holds {fmt} "
+                        "records; give --eval_dataset records in the training data's format")
+    train_idx, _ = split_indices(n, 0.0, split_seed)
+    return examples_of(train_idx), held_examples_of(list(range(n_held))), name
+
+
+def _formatted(
+    ds: datasets.Dataset, name: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[int, Callable[[Sequence[int]], list[Example]], str]:
+    """(number of usable records, a function making the examples of some of them, the records' format) of `ds`."""
     if len(ds) == 0:
         raise DataError(f"dataset {name!r} is empty (no records); add records")
     fmt = detect_format(ds.column_names, cfg)
@@ -500,20 +524,16 @@ def build_examples(
         raise DataError(
             f"dataset {name!r} has no record with {what} ({len(ds)} records read); check the fields"
         )
-    train_idx, eval_idx = split_indices(len(keep), cfg.eval_fraction, cfg.seed)
-    out = []
-    for idx in (train_idx, eval_idx):
+
+    def examples_of(idx: Sequence[int]) -> list[Example]:
         rows = [keep[i] for i in idx]
         if chats:
-            examples = _chat_examples([chats[i] for i in rows], rows, tokenizer, template, name)
-        elif fmt == "instruction":
-            examples = tokenize_instructions(
-                [prompts[i] for i in rows], [responses[i] for i in rows], tokenizer, cfg.add_bos
-            )
-        else:
-            examples = tokenize_texts([texts[i] for i in rows], tokenizer, cfg.add_bos)
-        out.append(examples)
-    return out[0], out[1], name
+            return _chat_examples([chats[i] for i in rows], rows, tokenizer, template, name)
+        if fmt == "instruction":
+            return tokenize_instructions([prompts[i] for i in rows], [responses[i] for i in rows], tokenizer, cfg.add_bos)
+        return tokenize_texts([texts[i] for i in rows], tokenizer, cfg.add_bos)
+
+    return len(keep), examples_of, fmt
 
 
 def to_blocks(examples: Sequence[Example], cfg: DataConfig, pad_id: int) -> BlockDataset:

@@ -93,7 +93,10 @@ def template_fingerprint(cfg: DataConfig, tokenizer: Any) -> str | None:
 
 def cache_key(cfg: DataConfig, tokenizer: Any) -> str:
     """The cache file's name: a digest of the dataset, the tokenizer, every DataConfig field and the data code."""
-    parts = {"format": CACHE_FORMAT, "data": {**dataclasses.asdict(cfg), "dataset": dataset_fingerprint(cfg.dataset)},
+    data = {**dataclasses.asdict(cfg), "dataset": dataset_fingerprint(cfg.dataset)}
+    if cfg.eval_dataset is not None:
+        data["eval_dataset"] = dataset_fingerprint(cfg.eval_dataset)
+    parts = {"format": CACHE_FORMAT, "data": data,
              "tokenizer": tokenizer_fingerprint(tokenizer), "template": template_fingerprint(cfg, tokenizer),
              "code": _code_digest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
@@ -240,10 +243,12 @@ def _note(log: Callable[[str], None] | None, line: str) -> None:
 
 
 def run_data_config(dataset: str | None, seq_len: int, seed: int, packing: str = "isolated",
-                    chat_template: str | None = "auto") -> DataConfig:
+                    chat_template: str | None = "auto", eval_dataset: str | None = None, eval_fraction: float = 0.05,
+                    split_seed: int | None = None) -> DataConfig:
     """The DataConfig of a training run (the embedded default fine-tunes on the instruction task)."""
     return DataConfig(dataset=dataset, seq_len=seq_len, seed=seed, format="auto" if dataset else "instruction",
-                      packing=packing, chat_template=chat_template)
+                      packing=packing, chat_template=chat_template, eval_dataset=eval_dataset,
+                      eval_fraction=eval_fraction, split_seed=split_seed)
 
 
 def node_datasets(cfg: DataConfig, tokenizer: Any, option: str | None, nonce: str,
@@ -290,17 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None, help="as launch/train.py --dataset (default: the embedded task)")
     p.add_argument("--tokenizer", default=None, help="as launch/train.py --tokenizer (a model folder works)")
     p.add_argument("--seq_len", type=int, default=128, help="as launch/train.py --seq_len")
-    p.add_argument("--seed", type=int, default=42, help="as launch/train.py --seed (it picks the eval split)")
+    p.add_argument("--seed", type=int, default=42, help="as launch/train.py --seed (it picks the eval split unless --split_seed does)")
     p.add_argument("--data_cache", default=None, help="as launch/train.py --data_cache")
     p.add_argument("--packing", default="isolated", choices=["none", "naive", "isolated"], help="as launch/train.py --packing")
     p.add_argument("--chat_template", default="auto", help="as launch/train.py --chat_template")
+    p.add_argument("--eval_dataset", default=None, help="as launch/train.py --eval_dataset")
+    p.add_argument("--eval_fraction", type=float, default=0.05, help="as launch/train.py --eval_fraction")
+    p.add_argument("--split_seed", type=int, default=None, help="as launch/train.py --split_seed")
     args = p.parse_args(argv)
     folder = cache_dir(args.data_cache)
     if folder is None:
         p.error("--data_cache none: there is no cache to fill")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        cfg = run_data_config(args.dataset, args.seq_len, args.seed, args.packing, args.chat_template)
+        cfg = run_data_config(args.dataset, args.seq_len, args.seed, args.packing, args.chat_template,
+                              args.eval_dataset, args.eval_fraction, args.split_seed)
         for _ in range(2):  # the first call builds unless the file is there; the second loads it
             t0 = time.perf_counter()
             train, _ = cached_datasets(cfg, tokenizer, folder, builder=True, log=print)

@@ -427,7 +427,8 @@ def _write_final(model: torch.nn.Module, out: Path, final: dict[str, Any],
 
 def data_config(cfg: TrainConfig) -> DataConfig:
     """The run's DataConfig (megaspec.train.data_cache.run_data_config with the run's packing and chat template)."""
-    return run_data_config(cfg.dataset, cfg.seq_len, cfg.seed, cfg.packing, cfg.chat_template)
+    return run_data_config(cfg.dataset, cfg.seq_len, cfg.seed, cfg.packing, cfg.chat_template, cfg.eval_dataset,
+                           cfg.eval_fraction, cfg.split_seed)
 
 
 def run_tokenizer(cfg: TrainConfig) -> Any:

@@ -77,6 +77,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         raise ConfigError(f"--s2ft_estimate_group_mb {cfg.s2ft_estimate_group_mb} must be at least 1")
     check_attn_implementation(getattr(cfg, "attn_implementation", None), model_config)
     check_dataset(cfg.dataset)
+    warnings += check_eval_data(cfg)
     check_packing(getattr(cfg, "packing", "naive"))
     check_chat(cfg, tokenizer)
     problem = check_cache_dir(getattr(cfg, "data_cache", None))  # waiting ranks need the builder's file
@@ -427,6 +428,27 @@ def check_dataset(dataset: str | None) -> None:
         check_saved_fields(dataset, cfg)
 
 
+def check_eval_data(cfg: TrainConfig) -> list[str]:
+    """--eval_fraction in [0, 1) and a readable --eval_dataset; warnings for options that then do nothing."""
+    fraction = getattr(cfg, "eval_fraction", 0.05)
+    if not 0 <= fraction < 1:  # also false for nan
+        raise ConfigError(f"--eval_fraction {fraction} must be within [0, 1) (0: no eval split)")
+    eval_dataset = getattr(cfg, "eval_dataset", None)
+    if eval_dataset is None:
+        if fraction == 0 and cfg.eval_every:
+            return ["--eval_fraction 0 and no --eval_dataset: the run has no eval records, so --eval_every evaluates "
+                    "nothing; pass --eval_dataset FILE to evaluate"]
+        return []
+    try:
+        check_dataset(eval_dataset)
+    except DataError as e:
+        raise DataError(f"--eval_dataset: {e}") from None
+    if fraction != 0.05:
+        return [f"--eval_fraction {fraction} is ignored: --eval_dataset {eval_dataset} holds the eval records and every "
+                "record of --dataset trains"]
+    return []
+
+
 def check_packing(packing: str) -> None:
     """--packing isolated relies on transformers reading document boundaries from position_ids (megaspec.train.data.collate)."""
     from transformers import masking_utils
@@ -455,15 +477,20 @@ def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
         template = resolve_template(tokenizer, cfg.chat_template)
     except ChatError as e:
         raise ConfigError(str(e)) from None
-    if cfg.dataset is None or not Path(cfg.dataset).expanduser().exists():
-        return  # the embedded default and hub datasets are rendered when the run builds its data
-    data_cfg = DataConfig(dataset=cfg.dataset, format="auto")
-    records = _quietly_loaded(cfg.dataset)
+    for dataset in (cfg.dataset, getattr(cfg, "eval_dataset", None)):
+        if dataset is not None and Path(dataset).expanduser().exists():  # hub datasets: checked when the run builds its data
+            _check_chat_records(dataset, tokenizer, template)
+
+
+def _check_chat_records(dataset: str, tokenizer: Any, template: str | None) -> None:
+    """Every chat-formatted record of a local `dataset` renders with `template`."""
+    data_cfg = DataConfig(dataset=dataset, format="auto")
+    records = _quietly_loaded(dataset)
     fmt = detect_format(records.column_names, data_cfg)
     if fmt == "text" or (fmt == "instruction" and template is None):
         return
     if template is None:
-        raise DataError(f"dataset {cfg.dataset} holds chat records but the tokenizer has no chat template; "
+        raise DataError(f"dataset {dataset} holds chat records but the tokenizer has no chat template; "
                         "pass --chat_template FILE.jinja")
     field = chat_field(records.column_names)
     fields = [field] if field else format_fields(records.column_names, data_cfg)
@@ -477,7 +504,7 @@ def check_chat(cfg: TrainConfig, tokenizer: Any) -> None:
                 messages = pair_messages(record[fields[0]] or "", record[fields[1]] or "")
             render_spans(messages, tokenizer, template)
         except ChatError as e:
-            raise DataError(f"dataset {cfg.dataset} record {row + 1}: {e}") from None
+            raise DataError(f"dataset {dataset} record {row + 1}: {e}") from None
 
 
 def check_saved_fields(dataset: str, cfg: DataConfig) -> None:
