@@ -141,6 +141,40 @@ def test_training_state_holds_whole_tensors_by_name(run: dict) -> None:
         assert torch.equal(tensors[f"param/{name}"], gathered[name]), name
         assert tensors[f"exp_avg_sq/{name}"].min() >= 0
     assert state["optimizer_step"] == 4 and state["moments"] == ["exp_avg", "exp_avg_sq"]
+    assert state["loss_scale"] is None  # fp32: no dynamic loss scaler to carry
+
+
+def test_fp16_loss_scaler_carries_over_a_resume(monkeypatch) -> None:
+    """A restored dynamic loss scaler takes the same scales as the one it was saved from; a fresh one does not."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    from megaspec.train import training_state
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda *args, **kwargs: 0)  # its overflow message asks
+
+    def engine(scaler):
+        return SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler))
+
+    def fresh():
+        return loss_scaler.DynamicLossScaler(init_scale=2**16, scale_window=4, min_scale=1, delayed_shift=2,
+                                             consecutive_hysteresis=False)
+
+    saved = fresh()
+    for overflow in (True, True, True, False, False, False, False, False, True):
+        saved.update_scale(overflow)
+    state = json.loads(json.dumps(training_state.loss_scale_state(engine(saved))))  # as trainer_state.json holds it
+    restored, unrestored = fresh(), fresh()
+    training_state.set_loss_scale_state(engine(restored), state)
+    scales = {id(s): [] for s in (saved, restored, unrestored)}
+    for overflow in (False,) * 5 + (True,) + (False,) * 6:
+        for scaler in (saved, restored, unrestored):
+            scaler.update_scale(overflow)
+            scales[id(scaler)].append(scaler.cur_scale)
+    assert scales[id(restored)] == scales[id(saved)]
+    assert scales[id(unrestored)] != scales[id(saved)]
+    assert training_state.loss_scale_state(engine(loss_scaler.LossScaler(1.0))) is None  # bf16/fp32: static
 
 
 def test_list_checkpoints(run: dict, tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ def test_readme_main_command_on_two_cpu_ranks(tmp_path):
     finally:
         remove_shm_buffers(29500)  # the launcher's default port
     check(proc)
+    assert "before it has started" not in proc.stderr  # DeepSpeed's WarmupLR warning on every start, filtered
     (run,) = list((tmp_path / "runs").iterdir())
     records = metrics(run)
     assert {r["world_size"] for r in records} == {2}

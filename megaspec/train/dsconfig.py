@@ -130,8 +130,10 @@ def resolve_ds_config(config: dict[str, Any], *, lr: float, max_steps: int, warm
     fill(cfg.setdefault("bf16", {"enabled": False}), "enabled", bf16_available())
     if "fp16" in cfg:
         fill(cfg["fp16"], "enabled", False)
-    if cfg.get("bf16", {}).get("enabled") and not torch.cuda.is_available():
-        cfg["bf16"]["enabled"] = False  # the CPU accelerator trains in fp32 (gloo, no bf16 kernels for everything)
+    if not torch.cuda.is_available():  # the CPU accelerator trains in fp32 (gloo, no bf16 kernels for everything,
+        for precision in ("bf16", "fp16"):  # no fp16 at all), so a GPU config also runs on CPU ranks
+            if cfg.get(precision, {}).get("enabled"):
+                cfg[precision]["enabled"] = False
     for key in ("lr",):
         fill(cfg.get("optimizer", {}).get("params", {}), key, lr)
     sched = cfg.get("scheduler", {}).get("params", {})

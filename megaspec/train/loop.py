@@ -284,6 +284,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables:
     beat.phase("setup (starting the DeepSpeed engine, restoring a checkpoint)")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    _quiet_scheduler_start()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
     _create_output_dir(out, cfg)
     run = Run(cfg, engine, model, out, summary, train_set, eval_set, engine.train_micro_batch_size_per_gpu(),
@@ -299,6 +300,18 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables:
     continuing = ckpt is not None and run.start_step < cfg.max_steps
     _write_run_files(out, cfg, ds_config, summary, continuing=continuing, base=model_path)
     return run
+
+
+def _scheduler_start_warning(record: logging.LogRecord) -> bool:
+    return "learning rate from scheduler before it has started" not in record.getMessage()
+
+
+def _quiet_scheduler_start() -> None:
+    """Drop DeepSpeed's "get learning rate before it has started" warning: its WarmupLR asks itself in __init__."""
+    from deepspeed.utils import logger
+
+    if _scheduler_start_warning not in logger.filters:
+        logger.addFilter(_scheduler_start_warning)
 
 
 def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> dict[str, float]:

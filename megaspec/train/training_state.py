@@ -7,8 +7,9 @@ whole, gathered with DeepSpeed's safe_get_full_* (ZeRO-3, ZeRO-1/2 and bf16 opti
     param/<name>       fp32 master copy of a trainable parameter
     <moment>/<name>    optimizer state of that parameter (exp_avg, exp_avg_sq for Adam)
 
-and the optimizer's step count beside them (Adam's bias correction depends on it). Restoring sets
-each rank's partitions by name, so the state loads on any number of ranks, exactly.
+and the optimizer's step count beside them (Adam's bias correction depends on it), with the LR
+schedule and, under fp16, the dynamic loss scaler's state. Restoring sets each rank's partitions by
+name, so the state loads on any number of ranks, exactly.
 """
 
 from __future__ import annotations
@@ -72,8 +73,34 @@ def capture(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors[f"{PARAM}/{name}"] = _full(engine, param, None)
         for key in keys:
             tensors[f"{key}/{name}"] = _full(engine, param, key)
-    scalars = {"optimizer_step": optimizer_step(engine), "moments": keys, "lr_scheduler": _scheduler_state(engine)}
+    scalars = {"optimizer_step": optimizer_step(engine), "moments": keys, "lr_scheduler": _scheduler_state(engine),
+               "loss_scale": loss_scale_state(engine)}
     return tensors, scalars
+
+
+LOSS_SCALE_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def loss_scale_state(engine: Any) -> dict[str, float] | None:
+    """fp16's dynamic loss scaler: its scale and the counters that decide its next change (None: no dynamic scaler).
+
+    Without it a resumed fp16 run starts again at the initial scale (2^16 by default), overflows and
+    skips updates until the scale comes back down, so the run no longer matches an uninterrupted one.
+    """
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return None
+    return {name: float(getattr(scaler, name)) for name in LOSS_SCALE_FIELDS if hasattr(scaler, name)}
+
+
+def set_loss_scale_state(engine: Any, state: dict[str, float] | None) -> None:
+    """Put a dynamic loss scaler back where loss_scale_state found it (nothing for None or a static scaler)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not state or scaler is None or not getattr(scaler, "dynamic", False):
+        return
+    for name, value in state.items():
+        if name in LOSS_SCALE_FIELDS:
+            setattr(scaler, name, value if name == "cur_scale" else int(value))
 
 
 def _scheduler_state(engine: Any) -> dict[str, Any] | None:
@@ -171,3 +198,4 @@ def restore(engine: Any, tensors: dict[str, torch.Tensor], scalars: dict[str, An
     scheduler = engine.lr_scheduler
     if scheduler is not None and scalars.get("lr_scheduler") is not None and hasattr(scheduler, "load_state_dict"):
         scheduler.load_state_dict(scalars["lr_scheduler"])
+    set_loss_scale_state(engine, scalars.get("loss_scale"))
