@@ -283,7 +283,7 @@ class ResultsError(ValueError):
 def fingerprint(path: str) -> str:
     """A file or folder as a setup compares it across machines: its name, its bytes and, up to 64 MiB, its sha256."""
     p = Path(path).expanduser()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]  # no lock files
     size = sum(f.stat().st_size for f in files)
     if size > 64 * 2**20:
         return f"{p.name}, {size:,} bytes"
