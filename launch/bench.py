@@ -11,6 +11,7 @@ and asserts nothing; the machine line goes to stderr. Measured numbers live in B
     python launch/bench.py selection
     python launch/bench.py quality
     python launch/bench.py quality --real --methods ssh,lora --seeds 0 --lrs 0.03 --steps 200   # SmolLM2 on BoolQ
+    python launch/bench.py quality --real --methods ssh --results quality.jsonl   # in pieces: rows kept, reused next time
     python launch/bench.py throughput --layers 4          # CUDA only; the ZeRO-3 engine (--engine plain: PyTorch)
     python launch/bench.py load                           # per-rank peak of loading bf16/nf4/int8 under ZeRO-3, 1 and 2 CPU ranks
     python launch/bench.py host_memory                    # per-rank peak RSS of megaspec vs HF Trainer + peft on SmolLM2, 2 CPU ranks
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -259,17 +261,42 @@ def real_quality(args: argparse.Namespace) -> tuple[Any, str]:
     try:
         rows = bench.run(args.model, args.dataset, args.test, args.methods, args.seeds, args.lrs, args.steps, args.batch, args.seq_len,
                          args.eval_limit, args.budgets, args.targets, args.ds_config, args.eval_batches,
-                         log=lambda line: print(line, file=sys.stderr, flush=True))
-    except bench.BenchError as err:  # a run failed: its log stays in the work folder the message names
+                         log=lambda line: print(line, file=sys.stderr, flush=True), results=args.results)
+    except bench.BenchError as err:  # a run failed: the message names its log, kept beside --results or in the cwd
         print(f"bench: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the temp folder is gone, the finished rows are in --results
+        kept = f"the rows finished so far are in {args.results}: run the same command to go on" if args.results else \
+            "nothing was kept (pass --results FILE to keep each finished row)"
+        print(f"bench: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     return rows, bench.format_table(rows)
 
 
 def quality_inputs(args: argparse.Namespace) -> None:
-    """--real: the real model and data can be had (real_inputs)."""
+    """--real: the --results file can be read and written, the real model and data can be had (real_inputs)."""
+    if args.results is not None:
+        results_file(args)
     if args.real:
         real_inputs(args)
+
+
+def results_file(args: argparse.Namespace) -> None:
+    """--results: only with --real; a file bench quality --real wrote (or a new one) in a folder it can write in."""
+    from megaspec.benchmarks import real_quality as bench
+
+    if not args.real:
+        raise ConfigError("--results needs --real (the tiny quality bench runs in one go); add --real or drop --results")
+    path = Path(args.results).expanduser()
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"--results {args.results}: the folder {folder} does not exist; create it or pick another file")
+    try:
+        bench.read_results(args.results)
+    except bench.ResultsError as err:
+        raise ConfigError(str(err)) from None
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise ConfigError(f"--results {args.results}: cannot write {'it' if path.exists() else f'in {folder}'}; pick another file")
 
 
 def real_inputs(args: argparse.Namespace) -> None:
@@ -476,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval_batches", type=count(1), default=None, help="--real: micro-batches of the eval split evaluated (default all)")
     p.add_argument("--ds_config", default=str(REPO / "ds_configs" / "zero3.json"),
                    help="--real: the trainer's DeepSpeed config (its micro-batch becomes --batch, one rank)")
+    p.add_argument("--results", default=None, metavar="FILE",
+                   help="--real: JSON-lines file; each finished row is appended, rows it holds under the same setup are "
+                        "not run again but shown (run the sweep in pieces)")
     p.set_defaults(func=quality, inputs=quality_inputs)
 
     p = sub.add_parser("throughput", parents=[common], help="tokens/s and MFU of a LLaMA-3.1-8B-shaped model on one GPU")

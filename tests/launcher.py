@@ -63,3 +63,16 @@ def metrics(run_dir: Path) -> list[dict]:
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss."""
     return {m["step"]: m["loss"] for m in metrics(run_dir)}
+
+
+def parity_task(folder: Path, train: range = range(100, 180), test: range = range(300, 303),
+                prompt: str = "Is {n} even?") -> tuple[Path, Path]:
+    """A yes/no task in prompt/response records ("is n even?" for each n of `train`), and its held-out file
+    (the n of `test`) with answers: the data of bench quality --real's tests."""
+    def record(n: int) -> dict:
+        return {"prompt": prompt.format(n=n), "response": " yes" if n % 2 == 0 else " no"}
+
+    train_file, test_file = folder / "parity.jsonl", folder / "parity.test.jsonl"
+    train_file.write_text("".join(json.dumps(record(n)) + "\n" for n in train))
+    test_file.write_text("".join(json.dumps({**record(n), "answers": [record(n)["response"].strip()]}) + "\n" for n in test))
+    return train_file, test_file

@@ -391,6 +391,14 @@ def bench(*args: str) -> Callable[[Path], list[str]]:
     return lambda ws: list(args)
 
 
+def results_file(content: str) -> Callable[[Path], list[str]]:
+    """quality --real --results FILE, FILE written with `content` in the workspace."""
+    def args(ws: Path) -> list[str]:
+        (ws / "q.jsonl").write_text(content)
+        return ["quality", "--real", "--results", str(ws / "q.jsonl")]
+    return args
+
+
 BENCH = [
     Case("crossover_n_zero", "bench", bench("crossover", "--n", "0"), "argument --n: 0 must be at least 1"),
     Case("overhead_tokens_zero", "bench", bench("overhead", "--tokens", "0"), "argument --tokens: 0 must be at least 1"),
@@ -419,6 +427,14 @@ BENCH = [
     Case("quality_real_no_ds_config", "bench", lambda ws: ["quality", "--real", "--dataset", __file__, "--test", __file__,
                                                             "--ds_config", str(ws / "nope.json")], "nope.json does not exist; pass a DeepSpeed JSON"),
     Case("quality_real_targets_typo", "bench", bench("quality", "--real", "--targets", "qv,mlp"), "unknown target set 'mlp'; choose from qv, all"),
+    Case("quality_results_without_real", "bench", bench("quality", "--results", "q.jsonl"), "--results needs --real"),
+    Case("quality_real_results_garbage", "bench", results_file("row 1\nrow 2\n"),
+         "q.jsonl line 1 is not a row of bench quality --real; pass the file it wrote, or a new file"),
+    Case("quality_real_results_garbage_middle", "bench", results_file('{"label": "x", "setup": {}, "row": {}, "result": {}}\n{"label": "y"\n\n'),
+         "q.jsonl line 2 is not a row of bench quality --real"),
+    Case("quality_real_results_a_folder", "bench", lambda ws: ["quality", "--real", "--results", str(ws)], "is not a file; pass a JSON-lines file"),
+    Case("quality_real_results_no_folder", "bench", lambda ws: ["quality", "--real", "--results", str(ws / "no" / "q.jsonl")],
+         "/no does not exist; create it or pick another file"),
     Case("throughput_layers_one", "bench", bench("throughput", "--layers", "1"), "argument --layers: 1 must be at least 2"),
     Case("throughput_peak_zero", "bench", bench("throughput", "--peak_tflops", "0"), "argument --peak_tflops: 0 must be a finite number above 0"),
     Case("unknown_subcommand", "bench", bench("speed"), "argument command: invalid choice: 'speed'"),

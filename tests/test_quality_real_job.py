@@ -10,22 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from tests.distributed import REPO, free_port
-from tests.launcher import cpu_env
-
-
-def parity_task(folder: Path) -> tuple[Path, Path]:
-    def record(n: int) -> dict:
-        return {"prompt": f"Is {n} even?", "response": " yes" if n % 2 == 0 else " no"}
-
-    train, test = folder / "parity.jsonl", folder / "parity.test.jsonl"
-    train.write_text("".join(json.dumps(record(n)) + "\n" for n in range(100, 180)))
-    test.write_text("".join(json.dumps({**record(n), "answers": [record(n)["response"].strip()]}) + "\n" for n in range(300, 303)))
-    return train, test
+from tests.launcher import cpu_env, parity_task
 
 
 def test_peft_lora_trains_through_the_loop_and_its_saved_adapter_reproduces_the_eval_loss(tmp_path):

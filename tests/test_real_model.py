@@ -18,7 +18,7 @@ import torch
 
 from megaspec.assets.tasks import exact_match, normalize, split
 from tests.distributed import REPO
-from tests.launcher import check, cpu_env, run_train
+from tests.launcher import check, cpu_env, parity_task, run_train
 
 ATOL = 1e-4
 PROMPT = "Question: What is the capital of France?\nAnswer:"
@@ -198,21 +198,10 @@ def test_quality_real_rows_follow_lora8_budgets_on_the_real_shapes(gguf_file):
     assert all(len(r.lrs) == 3 for r in rows.values() if r.kind != "none")
 
 
-def parity_task(folder: Path) -> tuple[Path, Path]:
-    """A yes/no task in prompt/response records, and its held-out file with answers."""
-    def record(n: int) -> dict:
-        return {"prompt": f"Is {n} an even number? Answer yes or no.", "response": " yes" if n % 2 == 0 else " no"}
-
-    train, test = folder / "parity.jsonl", folder / "parity.test.jsonl"
-    train.write_text("".join(json.dumps(record(n)) + "\n" for n in range(100, 160)))
-    test.write_text("".join(json.dumps({**record(n), "answers": [record(n)["response"].strip()]}) + "\n" for n in range(200, 204)))
-    return train, test
-
-
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_quality_real_trains_megaspec_and_peft_rows_through_the_trainer(gguf_file, tmp_path):
-    train, test = parity_task(tmp_path)
+    train, test = parity_task(tmp_path, range(100, 160), range(200, 204), "Is {n} an even number? Answer yes or no.")
     proc = check(subprocess.run(
         [sys.executable, "launch/bench.py", "quality", "--real", "--json", "--model", str(gguf_file), "--dataset", str(train),
          "--test", str(test), "--methods", "ssh,lora,peft_lora", "--seeds", "0", "--lrs", "0.01", "--steps", "2",

@@ -51,9 +51,9 @@ def held_out_blocks(folder: str, dataset: str, seq_len: int, n_blocks: int) -> d
 
 def perplexity(model: torch.nn.Module, blocks: dict[str, torch.Tensor]) -> float:
     """exp of the token-weighted cross-entropy over every scored token of the blocks."""
-    from megaspec.benchmarks.real_quality import val_loss
+    from megaspec.benchmarks.quality import eval_loss
 
-    return math.exp(val_loss(model, blocks, batch=4, device="cpu"))
+    return math.exp(eval_loss(model, blocks, batch=4))
 
 
 def _launch(cmd: list[str], what: str) -> None:
