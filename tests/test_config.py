@@ -186,3 +186,16 @@ def test_tiny_config_runs_and_its_saved_config_yaml_trains_the_same_run(tmp_path
     assert sorted(a) == list(range(1, 7))  # max_steps from the file
     assert a == pytest.approx(b, abs=1e-6)
     assert (tmp_path / "b" / "config.yaml").read_text().replace("/b", "/a") == saved.read_text()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cpu_ranks_train_in_fp32_whatever_the_config_enables(precision, monkeypatch):
+    import torch
+
+    from megaspec.train.dsconfig import resolve_ds_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    raw = {"train_micro_batch_size_per_gpu": 1, precision: {"enabled": True}}
+    resolved = resolve_ds_config(raw, lr=1e-3, max_steps=10, warmup_steps=1, hidden_size=64)
+    assert resolved[precision]["enabled"] is False
+    assert raw[precision]["enabled"] is True  # the caller's dict is left alone

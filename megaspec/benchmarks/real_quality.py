@@ -6,12 +6,12 @@ Protocol (the same for every row; each run is one process, megaspec.benchmarks.r
   ds_configs/zero3.json: bf16 where the GPU has it, fp32 on CPU), one rank;
 - data: --dataset (`python -m megaspec.assets boolq`) as the trainer reads it by default: the
   tokenizer's chat template, isolated packing into --seq_len blocks, 5 % of the records held out as
-  the eval split (drawn with the run's --seed); the held-out test file (never trained on) gives the
-  task metric;
+  the eval split (the same records for every seed: --split_seed 0); the held-out test file (never
+  trained on) gives the task metric;
 - training: megaspec.train.loop.train, the loop launch/train.py runs, for --steps steps of --batch
   blocks (AdamW, no weight decay, 6 % warmup then linear decay to 0, clipping 1.0); megaspec rows
   with the method's adapters, peft rows with peft's layers injected in their place; a seed sets the
-  data order, the eval split and the adapter's plan and init;
+  data order and the adapter's plan and init;
 - rows: the untrained base; SSH at 1/100, 1/30, 1/10 and 1x (--budgets) the parameters of LoRA r=8
   on the same layers, on q,v and on every linear layer of the blocks (--targets); FourierFT at SSH's
   n on q,v; every other registered method at its paper setting (megaspec.benchmarks.common.
@@ -78,6 +78,7 @@ BUDGETS = (100, 30, 10, 1)  # SSH at 1/k of LoRA r=8's parameters on the same la
 LRS = {"sparse": (1e-2, 3e-2, 1e-1), "low_rank": (3e-4, 1e-3, 3e-3), "peft_fourierft": (3e-2, 1e-1, 3e-1)}
 BASE = "base model, no fine-tuning"  # the untrained row
 WORK_PREFIX = "megaspec-real-quality-"  # the temp folder of one bench
+SPLIT_SEED = 0  # every seed of every row evaluates the same held-out records: the std is the training's alone
 REFERENCE = "lora r=8 (q,v)"  # the row whose improvement over the base the others are measured against
 TARGET_SHARE, TARGET_FRACTION = 0.98, 100
 
@@ -191,7 +192,8 @@ def train_args(s: Setup, row: Row, lr: float, seed: int, out: Path) -> list[str]
     """launch/train.py's flags for one run: eval at the last step over the whole eval split, no report."""
     args = [
         "--model", s.model, "--dataset", s.dataset, "--ds_config", s.ds_config, "--output_dir", str(out),
-        "--max_steps", str(s.steps), "--seq_len", str(s.seq_len), "--seed", str(seed), "--lr", f"{lr:g}" if lr else "1e-3",
+        "--max_steps", str(s.steps), "--seq_len", str(s.seq_len), "--seed", str(seed), "--split_seed", str(SPLIT_SEED),
+        "--lr", f"{lr:g}" if lr else "1e-3",
         "--eval_every", str(s.steps), "--eval_batches", str(s.eval_batches), "--save_every", str(s.steps), "--keep_checkpoints", "1",
         "--image_every", str(s.steps + 1), "--log_every", "1", "--report", "none", "--report_to", "tensorboard",
         "--target_modules", ",".join(row.targets),
