@@ -176,6 +176,25 @@ def test_each_step_logs_the_lr_its_update_used_and_none_is_zero(halted_run, tmp_
 
 
 @pytest.mark.slow
+def test_a_finished_run_is_not_resumed_again_and_is_left_as_it_was(halted_run, tmp_path, capsys) -> None:
+    """Stopped after its last checkpoint, a run resumes to write its final files (the checkpoint's loss); then it is done."""
+    out = copy_run(halted_run, tmp_path)
+    proc = run_train([*RUN, "--max_steps", "4", "--resume", "--output_dir", str(out)], env=job_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    step4 = [r for r in metrics(out) if r["step"] == 4][0]
+    assert final["step"] == 4 and final["loss"] == step4["loss"] and (out / "adapter").is_dir()
+    before = snapshot(out)
+    code, errors, _ = run_main([*RUN, "--max_steps", "4", "--resume", "--output_dir", str(out)], capsys)
+    assert code == 2 and errors == [f"train: error: --resume: the run in {out} already finished at step 4 (--max_steps 4); "
+                                    "raise --max_steps to train it further, or pass a new --output_dir"]
+    code, errors, _ = run_main([*RUN, "--max_steps", "3", "--resume", "--output_dir", str(out)], capsys)
+    assert code == 2 and errors == [f"train: error: --resume: the checkpoint in {out} is at step 4, past --max_steps 3; "
+                                    "pass --max_steps 4 or more"]
+    assert snapshot(out) == before
+
+
+@pytest.mark.slow
 def test_garbage_latest_falls_back_to_the_step_folders_and_the_resumed_run_finishes(halted_run, tmp_path, capsys) -> None:
     from megaspec.config import AdapterConfig
     from megaspec.train.checkpoint import resume_checkpoint

@@ -206,6 +206,7 @@ class Run:
     trainable: list[torch.nn.Parameter]
     guard: NonFiniteGuard
     start_step: int = 0
+    resumed_loss: float | None = None  # the loss of the step the run resumed at (a resume with no step left reports it)
 
 
 def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables: Trainables) -> dict[str, Any]:
@@ -217,7 +218,9 @@ def _run(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables: 
     stop = StopSignal()
     batches = batch_iterator(run.train_set, run.micro, cfg.seed, rank(), world_size(), start_step=run.start_step * run.accum)
     bar = progress_bar(cfg.max_steps, initial=run.start_step)
-    metrics: dict[str, Any] = {}
+    # a run stopped after its last checkpoint but before its final files resumes with no step left:
+    # its final metrics are the checkpoint's
+    metrics: dict[str, Any] = {} if run.resumed_loss is None else {"loss": run.resumed_loss}
     step = run.start_step
     run.engine.train()
     try:
@@ -295,6 +298,7 @@ def setup(cfg: TrainConfig, raw_ds: dict[str, Any], beat: Heartbeat, trainables:
     if ckpt is not None:
         state = load_checkpoint(engine, ckpt, expected=run.expected)
         run.start_step, run.guard.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        run.resumed_loss = state.get("loss")
         _say(f"resumed from {ckpt} at step {run.start_step}")
     align_lr_schedule(engine, run.start_step)
     continuing = ckpt is not None and run.start_step < cfg.max_steps

@@ -285,6 +285,13 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if state is not None and state.get("format", 1) < 2 and state.get("world_size") not in (None, world):
         raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}, "
                           "and it predates rank-independent checkpoints: resume it with the same number of ranks")
+    step = int(state.get("step", 0)) if state is not None else 0
+    if step > cfg.max_steps:
+        raise ConfigError(f"--resume: the checkpoint in {out} is at step {step}, past --max_steps {cfg.max_steps}; pass "
+                          f"--max_steps {step} or more")
+    if step == cfg.max_steps and (out / "final_metrics.json").is_file() and (out / "adapter").is_dir():
+        raise ConfigError(f"--resume: the run in {out} already finished at step {step} (--max_steps {cfg.max_steps}); "
+                          "raise --max_steps to train it further, or pass a new --output_dir")
 
 
 # --- model, tokenizer, adapters ----------------------------------------------------------------
