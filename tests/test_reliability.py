@@ -387,6 +387,38 @@ def test_sigterm_to_a_two_rank_job_writes_a_verified_checkpoint(tmp_path) -> Non
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks_with_a_checkpoint(tmp_path) -> None:
+    """`kill PID` of `deepspeed` (or `timeout`): its single-node runner dies without passing the signal on.
+
+    The ranks see their launcher go, checkpoint and exit instead of training on as orphans.
+    """
+    import psutil
+
+    from megaspec.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+    out = tmp_path / "orphaned"
+    proc, command = start([*RUN, "--max_steps", "500", "--save_every", "1000", "--output_dir", str(out)], tmp_path / "logs",
+                          ranks=2)
+    try:
+        wait_for(lambda: logged_steps(out) >= 2, proc)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        assert len(job) == 3  # launch.py and two ranks
+        proc.send_signal(signal.SIGTERM)  # the runner only, as `kill PID` does
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(job, timeout=90)
+        leftovers = shm_buffers(int(command[command.index("--master_port") + 1]))
+    finally:
+        kill_group(proc)
+        remove_shm_buffers(int(command[command.index("--master_port") + 1]))
+    assert alive == [], f"still running after their launcher died: {[p.cmdline()[-6:] for p in alive]}"
+    assert leftovers == []
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and verify_checkpoint(ckpt)
+    assert ckpt.name == f"step-{max(losses(out)):06d}"
+    assert f"(the deepspeed command (pid {proc.pid}) exited): checkpoint written" in (tmp_path / "logs" / "stdout").read_text()
+
+
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(straight_run, tmp_path) -> None:
     from megaspec.train.checkpoint import CHECKPOINTS, latest_checkpoint, verify_checkpoint
 

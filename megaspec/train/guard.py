@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
+import threading
+import time
 from typing import Any
 
 import torch
@@ -83,10 +86,24 @@ class StopSignal:
     A second Ctrl-C interrupts at once, as Python does by default.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watch_launcher: bool = True) -> None:
         self.received: int | None = None
+        self.orphaned: str | None = None  # the launcher process that went away, once it has
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
+        launchers = deepspeed_launchers() if watch_launcher else []
+        if launchers:
+            threading.Thread(target=self._watch, args=(launchers,), name="megaspec-launcher-watch", daemon=True).start()
+
+    def _watch(self, launchers: list[tuple[int, float, str]], every: float = 2.0) -> None:
+        """Stop like a SIGTERM when the deepspeed launcher is gone (its single-node runner does not pass signals on)."""
+        while self.orphaned is None:
+            for pid, started, what in launchers:
+                if not _alive(pid, started):
+                    self.orphaned = f"{what} (pid {pid}) exited"
+                    self.received = self.received or signal.SIGTERM
+                    break
+            time.sleep(every)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
@@ -95,6 +112,8 @@ class StopSignal:
 
     def reason(self) -> str:
         """Why the run stops, for the log line."""
+        if self.orphaned:
+            return f"the {self.orphaned}"
         return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
 
     @staticmethod
@@ -111,3 +130,39 @@ class StopSignal:
     def agreed(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
         return sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
+
+
+LAUNCH_MODULE = "deepspeed.launcher.launch"
+
+
+def deepspeed_launchers(pid: int | None = None) -> list[tuple[int, float, str]]:
+    """(pid, start time, name) of the deepspeed launcher processes above this rank: launch.py and the runner above it.
+
+    Killing the `deepspeed` command (a SIGTERM from `kill` or `timeout`) ends only its runner on one node:
+    launch.py and the ranks live on, orphaned, training on. A rank that watches both stops with a
+    checkpoint instead. Empty when the rank was not started by the deepspeed launcher (python, srun, torchrun).
+    """
+    import psutil
+
+    try:
+        parent = psutil.Process(pid or os.getpid()).parent()
+        if parent is None or LAUNCH_MODULE not in " ".join(parent.cmdline()):
+            return []
+        found = [(parent.pid, parent.create_time(), "deepspeed launcher")]
+        runner = parent.parent()
+        if runner is not None and any("deepspeed" in os.path.basename(part) for part in runner.cmdline()[:2]):
+            found.append((runner.pid, runner.create_time(), "deepspeed command"))
+        return found
+    except (psutil.Error, OSError):
+        return []
+
+
+def _alive(pid: int, started: float) -> bool:
+    """The process `pid` that started at `started` still runs (not a zombie, not a new process with its pid)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
