@@ -94,9 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     if result.get("stopped"):
         StopSignal.ignore_from_now()  # the checkpoint is written: a launcher's SIGTERM must not make this 143
+    elif os.environ.get("RANK", "0") == "0":
+        print(finished_line(result), flush=True)
     if not joined_before:
         leave_process_group(wait=True)
     return EXIT_STOPPED if result.get("stopped") else 0
+
+
+def finished_line(result: dict) -> str:
+    """Where a finished run went, its last losses and the next command."""
+    out = result["output_dir"]
+    losses = ", ".join(f"{name} {result[key]:.4f}" for key, name in (("loss", "loss"), ("eval_loss", "eval loss"))
+                       if isinstance(result.get(key), (int, float)))
+    return (f"finished: {out} (step {result['step']}{', ' + losses if losses else ''}); "
+            f"export it with: python launch/export.py --run {out} --out {out}-merged --format merged")
 
 
 def print_data(cfg: TrainConfig) -> None:

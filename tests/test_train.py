@@ -60,6 +60,8 @@ def test_readme_main_command_on_two_cpu_ranks(tmp_path):
     records = metrics(run)
     assert {r["world_size"] for r in records} == {2}
     assert records[-1]["step"] == 100
+    assert (f"finished: {run.relative_to(tmp_path)} (step 100, loss {records[-1]['loss']:.4f}, eval loss "
+            f"{records[-1]['eval_loss']:.4f}); export it with: python launch/export.py --run") in proc.stdout
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < first - 0.3, (first, last)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
