@@ -25,6 +25,10 @@ KEYS = ("nodes", "ntasks-per-node", "cpus-per-task", "gpus-per-node", "partition
 SINFO = ["sinfo", "--noheader", "--Node", "--format=%N|%c|%G|%P"]
 
 
+class Refused(Exception):
+    """A bad input: main prints its one line after `slurm/check.py: error: ` and exits 2."""
+
+
 @dataclass(frozen=True)
 class Request:
     """What a job asks of each node, and of how many."""
@@ -84,14 +88,21 @@ def script_defaults(text: str) -> dict[str, str]:
 def request(argv: list[str]) -> Request:
     """The request of `sbatch ARGV`: the script's #SBATCH defaults overridden by the options before it."""
     given, script = options(argv)
-    merged = script_defaults(Path(argv[script]).read_text()) if script < len(argv) else {}
+    merged: dict[str, str] = {}
+    if script < len(argv):
+        try:
+            merged = script_defaults(Path(argv[script]).read_text())
+        except FileNotFoundError:
+            raise Refused(f"{argv[script]} does not exist; pass the sbatch script to check") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise Refused(f"cannot read {argv[script]} ({e}); pass the sbatch script to check") from None
     merged.update(given)
     try:
         return Request(nodes=int(merged.get("nodes", 1)), tasks=int(merged.get("ntasks-per-node", 1)),
                        cpus_per_task=int(merged.get("cpus-per-task", 1)), gpus=int(merged.get("gpus-per-node", "0").split(":")[-1]),
                        partition=merged.get("partition"))
     except ValueError as e:
-        raise SystemExit(f"slurm/check.py: error: cannot read the request ({e}); write counts as plain numbers, e.g. --nodes 2") from None
+        raise Refused(f"cannot read the request ({e}); write counts as plain numbers, e.g. --nodes 2") from None
 
 
 def parse_sinfo(text: str) -> list[Node]:
@@ -125,7 +136,11 @@ def problem(req: Request, nodes: list[Node]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    req = request(argv)
+    try:
+        req = request(argv)
+    except Refused as e:
+        print(f"slurm/check.py: error: {e}", file=sys.stderr)
+        return 2
     try:
         listing = subprocess.run(SINFO, capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as e:

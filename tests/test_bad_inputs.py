@@ -13,6 +13,7 @@ import errno
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -508,3 +509,13 @@ def test_slurm_check_main_is_one_line_exit_2(monkeypatch, capsys) -> None:
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("slurm/check.py: error: the job asks for 2 node(s) with 8 CPUs")
     assert check.main(readme_cpu_line()[:-1] + [str(REPO / "slurm" / "train.sbatch")]) == 0
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["slurm/nope.sbatch"], "slurm/check.py: error: slurm/nope.sbatch does not exist; pass the sbatch script to check"),
+    (["--nodes", "two", "slurm/train.sbatch"], "slurm/check.py: error: cannot read the request"),
+])
+def test_slurm_check_bad_input_is_one_line_exit_2(argv: list[str], expect: str) -> None:
+    result = subprocess.run([sys.executable, "slurm/check.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(expect)

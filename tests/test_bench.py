@@ -297,3 +297,11 @@ def test_packing_bench_times_the_same_tokens_both_ways():
     assert r["isolated_over_naive"] == pytest.approx(isolated["tokens_per_s"] / naive["tokens_per_s"])
     assert r["docs_per_block"] > 1  # several documents share a block: the case isolation is for
     assert "isolated / naive tokens/s" in packing.format_table(r)
+
+
+def test_s2ft_paper_setting_is_fourierfts_budget():
+    """README's methods table, docs/methods.md §8 and PAPER_SETTINGS agree: S2FT n = 1000 on q,v, 64,000 on LLaMA-3.1-8B."""
+    rows = params.run(["llama-3.1-8b"], ["s2ft"])
+    assert [(r["setting"], r["trainable"]) for r in rows] == [("s2ft n=1000", 64_000)]
+    assert "| S2FT n = 1000 on q,v | 64,000 |" in (REPO / "README.md").read_text()
+    assert "| llama-3.1-8b | s2ft n=1000 | q,v | 64,000 |" in (REPO / "BENCHMARKS.md").read_text()

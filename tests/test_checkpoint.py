@@ -205,7 +205,10 @@ def test_the_global_batch_is_kept_by_accumulation(global_batch, micro, world, ac
 
 def test_a_global_batch_that_cannot_be_split_names_what_would_work() -> None:
     assert split_problem(8, 4, 2) is None
-    assert split_problem(4, 4, 2).endswith("use train_micro_batch_size_per_gpu 2 or 1 in --ds_config or 1 ranks")
+    assert split_problem(4, 4, 2).endswith("use train_micro_batch_size_per_gpu 2 or 1 in --ds_config or 1 rank")
+    assert split_problem(4, 4, 4).endswith("use train_micro_batch_size_per_gpu 1 in --ds_config or 1 rank")
+    assert split_problem(6, 4, 1) == ("the checkpoint's global batch of 6 samples per update cannot be split over 1 rank with "
+                                      "micro-batch 4; use train_micro_batch_size_per_gpu 6, 3, 2 or 1 in --ds_config")
     assert split_problem(8, 3, 2).endswith("use train_micro_batch_size_per_gpu 4, 2 or 1 in --ds_config")
     with pytest.raises(ConfigError, match="global batch of 6 samples per update cannot be split over 4 ranks"):
         fit_global_batch({}, {"global_batch": 6, "micro_batch": 3, "world_size": 2, "accumulation": 1}, 4)

@@ -162,6 +162,19 @@ def test_example_configs_parse(name):
     assert cfg != TrainConfig()
 
 
+def test_smollm2_config_does_not_share_the_readme_train_commands_run_folder():
+    """Running README's four commands and then its Config files example must not hit "already holds a run"."""
+    import re
+
+    from tests.distributed import REPO
+
+    cfg = train_script().parse_args(["--config", str(REPO / "configs" / "smollm2_ssh.yaml")])
+    readme = (REPO / "README.md").read_text()
+    four = readme.split("## A real model in four commands")[1].split("\n## ")[0]
+    assert re.findall(r"--output_dir (\S+)", four) == ["runs/smollm2-boolq"]
+    assert cfg.output_dir == "runs/smollm2-boolq-config"
+
+
 def test_unknown_key_line_names_the_file_as_given_and_the_nearest_key(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_text("n_coef: 300\n")

@@ -435,3 +435,15 @@ def test_failed_export_leaves_no_output(runs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export(runs["ssh"], tmp_path / "out", "merged", log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_describe_lists_layers_in_model_order_not_as_strings():
+    from megaspec.export import describe
+
+    names = [f"model.layers.{i}.self_attn.{p}" for i in (10, 2, 0, 1, 11, 3) for p in ("v_proj", "q_proj")]
+    layer = {"exact_rank": 4, "rank": 4, "how": "exact", "residual": 0.0}
+    report = {"layers": {n: layer for n in names}, "relative_update": {n: 0.1 for n in names}, "method": "ssh",
+              "format": "peft", "out": "out/x", "seconds": 0.0}
+    lines = describe(report).splitlines()
+    want = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1, 2, 3, 10, 11) for p in ("q_proj", "v_proj")]
+    assert [ln.split()[0] for ln in lines[:12]] == want and [ln.split()[0] for ln in lines[12:24]] == want

@@ -190,3 +190,16 @@ def test_eval_dataset_is_the_evaluated_data(tmp_path):
             loss_sum += float(losses[trained].sum())
             tokens += int(trained.sum())
     assert abs(reported - loss_sum / tokens) < 1e-4, (reported, loss_sum / tokens)
+
+
+def test_missing_relative_ds_config_names_the_repos_absolute_copy(tmp_path, monkeypatch):
+    """Run from another folder, `--ds_config ds_configs/zero3.json` does not exist there: the fix names the repo's file."""
+    from megaspec.train.dsconfig import ConfigError, read_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        read_ds_config("ds_configs/zero3.json")
+    wanted = REPO / "ds_configs" / "zero3.json"
+    assert str(error.value) == f"--ds_config ds_configs/zero3.json does not exist; pass a DeepSpeed JSON file such as {wanted}"
+    with pytest.raises(ConfigError, match="does not exist; pass a DeepSpeed JSON file such as .*ds_configs/zero3.json$"):
+        read_ds_config(tmp_path / "missing.json")

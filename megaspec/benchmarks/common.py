@@ -64,7 +64,8 @@ PAPER_SETTINGS: dict[str, list[Setting]] = {
     # the Spectral^R paper has no LLM setting: the same rank and targets as Spectral^A
     "spectral_r": [Setting("spectral_r r=8", "spectral_r", {"lora_rank": 8}, QKV_MLP)],
     "smoa": [Setting("smoa r=8 K=2", "smoa", {"lora_rank": 8, "n_blocks": 2}, ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"))],
-    "s2ft": [Setting("s2ft n=750", "s2ft", {"n_coeffs": 750})],
+    # S2FT reports against FourierFT "at the same budget" (docs/methods.md §9): n = 1000 on q,v
+    "s2ft": [Setting("s2ft n=1000", "s2ft", {"n_coeffs": 1000})],
 }
 
 

@@ -12,6 +12,7 @@ it; rank 0 writes).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -144,15 +145,20 @@ def export(
     return report
 
 
+def layer_order(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key in the model's layer order: numeric parts compare as numbers (layers.2 before layers.10)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
 def describe(report: dict[str, Any]) -> str:
-    """A human summary of an export report: one line per adapted layer, then the totals."""
+    """A human summary of an export report: one line per adapted layer in layer order, then the totals."""
     lines = []
-    for name, layer in report.get("layers", {}).items():
+    for name, layer in sorted(report.get("layers", {}).items(), key=lambda item: layer_order(item[0])):
         lines.append(
             f"  {name:<44} exact rank {layer['exact_rank']:>5} ({layer['how']:<10}) -> r {layer['rank']:>5}"
             f"   residual ||dW - BA||/||dW|| = {layer['residual']:.2e}"
         )
-    for name, value in report.get("relative_update", {}).items():
+    for name, value in sorted(report.get("relative_update", {}).items(), key=lambda item: layer_order(item[0])):
         lines.append(f"  {name:<44} ||dW||/||W0|| = {value:.3e}")
     head = f"exported {report['method']} run as {report['format']}"
     if report.get("merge_base") == "original" and report.get("quantized"):

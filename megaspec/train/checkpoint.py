@@ -46,6 +46,7 @@ from megaspec.distributed.comm import broadcast_from_rank0, gather_to_rank0, ran
 from megaspec.model import CONFIG_NAME, WEIGHTS_NAME, adapters_of, save_adapter
 from megaspec.train import training_state
 from megaspec.train.errors import write_failed
+from megaspec.train.global_batch import ranks_word
 
 logger = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ def _load_engine(engine: Any, path: Path, state: dict[str, Any]) -> None:
     """DeepSpeed's own loader, for checkpoints without training_state.safetensors (per-rank partitions: same world size)."""
     if state["world_size"] != world_size():
         raise ValueError(
-            f"{path} was saved by {state['world_size']} ranks, this run has {world_size()}, and it predates "
+            f"{path} was saved by {ranks_word(state['world_size'])}, this run has {world_size()}, and it predates "
             f"rank-independent checkpoints: resume it with the same number of ranks"
         )
     # load_module_strict=False: the frozen base was excluded from the save; the adapter values

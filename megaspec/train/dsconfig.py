@@ -15,11 +15,23 @@ class ConfigError(ValueError):
     """A bad user-supplied configuration, stated in one line with its fix."""
 
 
+REPO = Path(__file__).resolve().parents[2]  # a source checkout: ds_configs/ sits here
+
+
+def ds_config_example(path: Path) -> str:
+    """A DeepSpeed JSON file to suggest for a missing --ds_config: the repo's own copy of `path` (absolute) when
+    a relative path names one (run from another folder), else the repo's zero3.json, else ds_configs/zero3.json."""
+    for candidate in ([REPO / path] if not path.is_absolute() else []) + [REPO / "ds_configs" / "zero3.json"]:
+        if candidate.is_file() and candidate.suffix == ".json":
+            return str(candidate)
+    return "ds_configs/zero3.json"
+
+
 def read_ds_config(path: str | Path) -> dict[str, Any]:
     """The JSON object in `path`, or one clear ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--ds_config {path} does not exist; pass a DeepSpeed JSON file such as ds_configs/zero3.json")
+        raise ConfigError(f"--ds_config {path} does not exist; pass a DeepSpeed JSON file such as {ds_config_example(path)}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:

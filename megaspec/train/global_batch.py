@@ -20,6 +20,11 @@ def _listed(values: list[int], limit: int = 6) -> str:
     return ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
 
 
+def ranks_word(count: int) -> str:
+    """'1 rank', '2 ranks'."""
+    return f"{count} rank" if count == 1 else f"{count} ranks"
+
+
 def split_problem(global_batch: int, micro: int, world: int) -> str | None:
     """Why `global_batch` samples per update cannot be `micro` per rank x accumulation x `world` ranks, or None.
 
@@ -34,9 +39,9 @@ def split_problem(global_batch: int, micro: int, world: int) -> str | None:
     if micros:
         options.append(f"train_micro_batch_size_per_gpu {_listed(micros[::-1])} in --ds_config")
     if ranks:
-        options.append(f"{_listed(ranks[::-1])} ranks")
+        options.append(f"{_listed(ranks[::-1])} ranks" if len(ranks) > 1 else ranks_word(ranks[0]))
     fix = " or ".join(options) if options else "a micro-batch and rank count whose product divides it"
-    return (f"the checkpoint's global batch of {global_batch} samples per update cannot be split over {world} ranks "
+    return (f"the checkpoint's global batch of {global_batch} samples per update cannot be split over {ranks_word(world)} "
             f"with micro-batch {micro}; use {fix}")
 
 

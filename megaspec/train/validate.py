@@ -51,7 +51,7 @@ from megaspec.train.data import (
 )
 from megaspec.train.data_cache import check_cache_dir
 from megaspec.train.dsconfig import ConfigError, check_ds_numbers, read_ds_config, resolve_ds_config
-from megaspec.train.global_batch import fit_global_batch
+from megaspec.train.global_batch import fit_global_batch, ranks_word
 from megaspec.train.loop import _model_tokenizer, run_folder_problem, writable_problem
 from megaspec.train.trackers import parse_report_to
 
@@ -283,7 +283,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # a checkpoint with a rank-independent training state (format 2) resumes on any number of ranks
     if state is not None and state.get("format", 1) < 2 and state.get("world_size") not in (None, world):
-        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {state['world_size']} ranks, this run has {world}, "
+        raise ConfigError(f"--resume: the checkpoint in {out} was saved by {ranks_word(state['world_size'])}, this run has {world}, "
                           "and it predates rank-independent checkpoints: resume it with the same number of ranks")
     step = int(state.get("step", 0)) if state is not None else 0
     if step > cfg.max_steps:
