@@ -84,7 +84,7 @@ CASES = [
     Case("resume_other_method", lambda ws: ["--resume", "--method", "lora"], "has method='ssh' but this run has method='lora'",
          existing=True, overwrite=False),
     Case("resume_global_batch_unsplittable", lambda ws: ["--resume"], "global batch of 6 samples per update cannot be "
-         "split over 1 ranks with micro-batch 4; use train_micro_batch_size_per_gpu 6, 3, 2 or 1 in --ds_config",
+         "split over 1 rank with micro-batch 4; use train_micro_batch_size_per_gpu 6, 3, 2 or 1 in --ds_config",
          existing=True, overwrite=False),
     Case("resume_old_checkpoint_other_world_size", lambda ws: ["--resume"], "saved by 2 ranks, this run has 1, and it predates",
          existing=True, overwrite=False),
@@ -415,7 +415,10 @@ def test_sigterm_to_the_deepspeed_command_alone_stops_the_ranks_with_a_checkpoin
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and verify_checkpoint(ckpt)
     assert ckpt.name == f"step-{max(losses(out)):06d}"
-    assert f"(the deepspeed command (pid {proc.pid}) exited): checkpoint written" in (tmp_path / "logs" / "stdout").read_text()
+    # rank 0 names what it saw, or what another rank saw first (each rank watches its own launcher)
+    stopped = re.findall(r"stopping at step \d+ \((.*)\): checkpoint written", (tmp_path / "logs" / "stdout").read_text())
+    assert stopped in ([f"the deepspeed command (pid {proc.pid}) exited"], ["the deepspeed launcher exited (seen first by "
+                                                                             "another rank)"]), stopped
 
 
 @pytest.mark.slow

@@ -89,6 +89,7 @@ class StopSignal:
     def __init__(self, watch_launcher: bool = True) -> None:
         self.received: int | None = None
         self.orphaned: str | None = None  # the launcher process that went away, once it has
+        self.orphaned_elsewhere = False  # another rank saw its launcher go (agreed() says)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
         launchers = deepspeed_launchers() if watch_launcher else []
@@ -114,6 +115,8 @@ class StopSignal:
         """Why the run stops, for the log line."""
         if self.orphaned:
             return f"the {self.orphaned}"
+        if self.orphaned_elsewhere and self.received is None:
+            return "the deepspeed launcher exited (seen first by another rank)"
         return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
 
     @staticmethod
@@ -129,7 +132,11 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
-        return sum_over_ranks([1.0 if self.received is not None else 0.0])[0] > 0
+        # snapshot: the watcher thread may set both fields between the two reads
+        received, orphaned = self.received, self.orphaned
+        stop, lost = sum_over_ranks([1.0 if received is not None else 0.0, 1.0 if orphaned is not None else 0.0])
+        self.orphaned_elsewhere = lost > 0
+        return stop > 0
 
 
 LAUNCH_MODULE = "deepspeed.launcher.launch"
