@@ -102,7 +102,6 @@ class StopSignal:
             for pid, started, what in launchers:
                 if not _alive(pid, started):
                     self.orphaned = f"{what} (pid {pid}) exited"
-                    self.received = self.received or signal.SIGTERM
                     break
             time.sleep(every)
 
@@ -113,11 +112,13 @@ class StopSignal:
 
     def reason(self) -> str:
         """Why the run stops, for the log line."""
+        if self.received:  # a signal says more than the launcher it also ended (SLURM signals every process)
+            return f"signal {signal.Signals(self.received).name}"
         if self.orphaned:
             return f"the {self.orphaned}"
-        if self.orphaned_elsewhere and self.received is None:
+        if self.orphaned_elsewhere:
             return "the deepspeed launcher exited (seen first by another rank)"
-        return f"signal {signal.Signals(self.received).name}" if self.received else "halt_at_step or a signal on another rank"
+        return "halt_at_step or a signal on another rank"
 
     @staticmethod
     def ignore_from_now() -> None:
@@ -131,11 +132,12 @@ class StopSignal:
             signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self) -> bool:
-        """True on every rank once any rank got the signal (ranks must stop at the same step)."""
+        """True on every rank once any rank got the signal or lost its launcher (ranks must stop at the same step)."""
         # snapshot: the watcher thread may set both fields between the two reads
         received, orphaned = self.received, self.orphaned
-        stop, lost = sum_over_ranks([1.0 if received is not None else 0.0, 1.0 if orphaned is not None else 0.0])
-        self.orphaned_elsewhere = lost > 0
+        lost = orphaned is not None
+        stop, lost_somewhere = sum_over_ranks([1.0 if received is not None or lost else 0.0, 1.0 if lost else 0.0])
+        self.orphaned_elsewhere = lost_somewhere > 0
         return stop > 0
 
 
